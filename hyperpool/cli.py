@@ -1,0 +1,133 @@
+"""Command line: run the proxy, check a config, make a password verifier, or run a demo."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from hyperpool import __version__
+from hyperpool.config import DEFAULT_CONFIG_PATH, Config, load_config, parse_config
+from hyperpool.errors import ConfigError
+from hyperpool.protocol import scram
+from hyperpool.server import Server
+
+DEMO_USER = "app"
+DEMO_PASSWORD = "apppass"
+DEMO_DB = "appdb"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperpool", description="PostgreSQL connection pooler and query cache")
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH, help="config file (YAML)")
+    parser.add_argument("--version", action="version", version=f"hyperpool {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the proxy (the default)")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", help="config file (default: --config)")
+    passwd = sub.add_parser("passwd", help="read a password on stdin, print a SCRAM-SHA-256 verifier")
+    passwd.add_argument("user")
+    demo = sub.add_parser("demo", help="start a throwaway PostgreSQL with hyperpool in front of it")
+    demo.add_argument("--port", type=int, default=6432, help="port for hyperpool (0 = any free port)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_server(config: Config, config_path: str | None) -> int:
+    import uvloop
+
+    _setup_logging(config.log_level)
+    server = Server(config, config_path)
+    uvloop.run(server.run())
+    return 0
+
+
+def cmd_run(config_path: str) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"hyperpool: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    return _run_server(config, config_path)
+
+
+def cmd_check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({len(config.databases)} databases, {len(config.users)} users, "
+          f"listening on {config.listen_host}:{config.listen_port})")
+    return 0
+
+
+def cmd_passwd(user: str) -> int:
+    password = getpass.getpass(f"password for {user}: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("hyperpool passwd: empty password", file=sys.stderr)
+        return 2
+    verifier = scram.make_verifier(password)
+    print(f'{user}: {{password: "{verifier}"}}')
+    return 0
+
+
+def demo_config(pg_port: int, port: int) -> Config:
+    return parse_config({
+        "listen": {"host": "127.0.0.1", "port": port},
+        "users": {DEMO_USER: {"password": DEMO_PASSWORD}},
+        "databases": {DEMO_DB: {"host": "127.0.0.1", "port": pg_port, "user": DEMO_USER,
+                                "password": DEMO_PASSWORD, "sslmode": "disable",
+                                "pool_size": 10, "min_pool_size": 2}},
+    }, os.environ, source="<demo>")
+
+
+def cmd_demo(port: int) -> int:
+    from hyperpool.embedded import EmbeddedPostgres, EmbeddedPostgresError
+
+    pg = EmbeddedPostgres()
+    try:
+        print("starting a throwaway PostgreSQL ...", file=sys.stderr)
+        pg.start()
+        pg.create_user(DEMO_USER, DEMO_PASSWORD)
+        pg.create_database(DEMO_DB, DEMO_USER)
+        config = demo_config(pg.port, port)
+        server = Server(config)
+
+        async def main() -> None:
+            await server.start()
+            server.install_signal_handlers()
+            url = f"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{server.port}/{DEMO_DB}"
+            print(f"\nhyperpool is up. Connect with:\n\n    psql \"{url}\"\n\n"
+                  f"(PostgreSQL itself is on port {pg.port}; press Ctrl-C to stop and remove it)\n",
+                  flush=True)
+            await server.wait_stopped()
+
+        _setup_logging("info")
+        import uvloop
+
+        uvloop.run(main())
+        return 0
+    except EmbeddedPostgresError as exc:
+        print(f"hyperpool demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        pg.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return cmd_check_config(args.file or args.config)
+    if args.command == "passwd":
+        return cmd_passwd(args.user)
+    if args.command == "demo":
+        return cmd_demo(args.port)
+    return cmd_run(args.config)

@@ -1,0 +1,304 @@
+"""Configuration: frozen dataclasses, validated once by :func:`load_config`.
+
+Every problem raises :class:`ConfigError` naming the key path and the reason,
+so nothing starts half-configured. ``${VAR}`` in any string value is taken
+from the environment passed in (a missing variable is an error).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hyperpool.errors import ConfigError
+from hyperpool.protocol import scram
+
+AUTH_TYPES = ("scram-sha-256", "md5", "password", "trust")
+POOL_MODES = ("transaction", "session")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+DEFAULT_CONFIG_PATH = "config/hyperpool.yaml"
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Pool sizing and timeouts (seconds); PgBouncer's names and meanings."""
+
+    pool_mode: str = "transaction"
+    pool_size: int = 20
+    min_pool_size: int = 0
+    max_client_conn: int = 1000
+    query_wait_timeout: float = 120.0
+    server_idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0
+    server_connect_timeout: float = 15.0
+    server_login_retry: float = 1.0
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    password: str  # as written: a SCRAM verifier, an md5 hash, or plain text
+    scram: scram.ScramVerifier | None  # derived: from the verifier or from plain text
+
+    @property
+    def plaintext(self) -> str | None:
+        if scram.is_scram_verifier(self.password) or scram.is_md5_hash(self.password):
+            return None
+        return self.password
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    name: str  # what clients put in their connection string
+    host: str
+    port: int
+    dbname: str  # upstream name
+    user: str  # origin user
+    password: str | None
+    sslmode: str
+    sslrootcert: str | None
+    pool: PoolSettings
+    connect_options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6432
+    auth_type: str = "scram-sha-256"
+    allow_cleartext_over_tcp: bool = False
+    users: Mapping[str, UserConfig] = field(default_factory=dict)
+    databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    tls: TLSConfig | None = None
+    shutdown_timeout: float = 30.0
+    max_packet_size: int = 256 * 1024 * 1024
+    client_login_timeout: float = 60.0
+    log_level: str = "info"
+    source: str = "<defaults>"
+
+
+# --- small typed readers, each naming the key on failure ------------------------------------
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, key: str, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in env:
+                raise ConfigError(f"{key}: environment variable {m.group(1)} is not set")
+            return env[m.group(1)]
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{key}.{k}" if key else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{key}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], key: str) -> None:
+    for name in section:
+        if name not in allowed:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _str(value: Any, key: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f"{key}: expected a string")
+    return str(value)
+
+
+def _int(value: Any, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _seconds(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: expected a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+# --- sections -------------------------------------------------------------------------------
+
+_POOL_READERS: dict[str, Callable[[Any, str], Any]] = {
+    "pool_mode": lambda v, k: _choice(v, k, POOL_MODES),
+    "pool_size": lambda v, k: _int(v, k, 1, 10000),
+    "min_pool_size": lambda v, k: _int(v, k, 0, 10000),
+    "max_client_conn": lambda v, k: _int(v, k, 1, 1_000_000),
+    "query_wait_timeout": _seconds,
+    "server_idle_timeout": _seconds,
+    "server_lifetime": _seconds,
+    "server_connect_timeout": _seconds,
+    "server_login_retry": _seconds,
+}
+POOL_KEYS = set(_POOL_READERS)
+
+
+def _pool_settings(section: Mapping[str, Any], base: PoolSettings, key: str) -> PoolSettings:
+    changes = {name: _POOL_READERS[name](section[name], f"{key}{name}") for name in POOL_KEYS & set(section)}
+    settings = replace(base, **changes)
+    if settings.min_pool_size > settings.pool_size:
+        raise ConfigError(
+            f"{key}min_pool_size: {settings.min_pool_size} is larger than pool_size {settings.pool_size}"
+        )
+    return settings
+
+
+def _user(name: str, raw: Any) -> UserConfig:
+    key = f"users.{name}"
+    if isinstance(raw, str):
+        raw = {"password": raw}
+    section = _mapping(raw, key)
+    _check_keys(section, {"password"}, key)
+    if "password" not in section:
+        raise ConfigError(f"{key}.password: required")
+    password = _str(section["password"], f"{key}.password")
+    verifier: scram.ScramVerifier | None
+    if scram.is_scram_verifier(password):
+        try:
+            verifier = scram.parse_verifier(password)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.password: {exc}") from None
+    elif scram.is_md5_hash(password):
+        verifier = None
+    else:
+        verifier = scram.make_verifier(password)
+    return UserConfig(name=name, password=password, scram=verifier)
+
+
+_DB_KEYS = {"host", "port", "dbname", "user", "password", "sslmode", "sslrootcert", "connect_options"} | POOL_KEYS
+
+
+def _database(name: str, raw: Any, pool: PoolSettings) -> DatabaseConfig:
+    key = f"databases.{name}"
+    section = _mapping(raw, key)
+    _check_keys(section, _DB_KEYS, key)
+    if "user" not in section:
+        raise ConfigError(f"{key}.user: required (the origin user hyperpool connects as)")
+    sslmode = _choice(section.get("sslmode", "prefer"), f"{key}.sslmode", SSLMODES)
+    rootcert = section.get("sslrootcert")
+    if sslmode in ("verify-ca", "verify-full") and not rootcert:
+        raise ConfigError(f"{key}.sslrootcert: required with sslmode {sslmode}")
+    if rootcert is not None and not Path(_str(rootcert, f"{key}.sslrootcert")).is_file():
+        raise ConfigError(f"{key}.sslrootcert: file {rootcert} does not exist")
+    options = _mapping(section.get("connect_options"), f"{key}.connect_options")
+    password = section.get("password")
+    return DatabaseConfig(
+        name=name,
+        host=_str(section.get("host", "127.0.0.1"), f"{key}.host"),
+        port=_int(section.get("port", 5432), f"{key}.port", 1, 65535),
+        dbname=_str(section.get("dbname", name), f"{key}.dbname"),
+        user=_str(section["user"], f"{key}.user"),
+        password=None if password is None else _str(password, f"{key}.password"),
+        sslmode=sslmode,
+        sslrootcert=None if rootcert is None else str(rootcert),
+        pool=_pool_settings(section, pool, f"{key}."),
+        connect_options=tuple((str(k), _str(v, f"{key}.connect_options.{k}")) for k, v in options.items()),
+    )
+
+
+def _tls(raw: Any) -> TLSConfig | None:
+    if raw is None:
+        return None
+    section = _mapping(raw, "tls")
+    _check_keys(section, {"cert", "key"}, "tls")
+    paths = {}
+    for name in ("cert", "key"):
+        if name not in section:
+            raise ConfigError(f"tls.{name}: required when tls is set")
+        paths[name] = _str(section[name], f"tls.{name}")
+        if not Path(paths[name]).is_file():
+            raise ConfigError(f"tls.{name}: file {paths[name]} does not exist")
+    return TLSConfig(**paths)
+
+
+_TOP_KEYS = {f.name for f in fields(Config)} - {"listen_host", "listen_port", "pool", "source"}
+_TOP_KEYS |= {"listen"} | POOL_KEYS
+
+
+def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") -> Config:
+    """Validate an already-parsed YAML document."""
+    top = _mapping(_expand(data, "", env), "<top level>")
+    _check_keys(top, _TOP_KEYS, "")
+    listen = _mapping(top.get("listen"), "listen")
+    _check_keys(listen, {"host", "port"}, "listen")
+    pool = _pool_settings(top, PoolSettings(), "")
+    users = {str(n): _user(str(n), raw) for n, raw in _mapping(top.get("users"), "users").items()}
+    dbs = {str(n): _database(str(n), raw, pool) for n, raw in _mapping(top.get("databases"), "databases").items()}
+    auth_type = _choice(top.get("auth_type", "scram-sha-256"), "auth_type", AUTH_TYPES)
+    if auth_type == "md5":
+        for user in users.values():
+            if user.scram is None and not user.plaintext and not scram.is_md5_hash(user.password):
+                raise ConfigError(f"users.{user.name}.password: md5 needs plain text or an md5 hash")
+    if auth_type == "scram-sha-256":
+        for user in users.values():
+            if user.scram is None:
+                raise ConfigError(
+                    f"users.{user.name}.password: an md5 hash cannot be used with auth_type scram-sha-256"
+                )
+    return Config(
+        listen_host=_str(listen.get("host", "127.0.0.1"), "listen.host"),
+        listen_port=_int(listen.get("port", 6432), "listen.port", 0, 65535),
+        auth_type=auth_type,
+        allow_cleartext_over_tcp=_bool(top.get("allow_cleartext_over_tcp", False), "allow_cleartext_over_tcp"),
+        users=users,
+        databases=dbs,
+        pool=pool,
+        tls=_tls(top.get("tls")),
+        shutdown_timeout=_seconds(top.get("shutdown_timeout", 30.0), "shutdown_timeout"),
+        max_packet_size=_int(top.get("max_packet_size", 256 * 1024 * 1024), "max_packet_size", 1024, 1 << 30),
+        client_login_timeout=_seconds(top.get("client_login_timeout", 60.0), "client_login_timeout"),
+        log_level=_choice(top.get("log_level", "info"), "log_level", ("debug", "info", "warning", "error")),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    return parse_config(data, os.environ if env is None else env, source=str(path))

@@ -1,0 +1,102 @@
+"""One configured database at run time: its pool and what clients of it share.
+
+It owns the pool of server connections, the ParameterStatus values the
+database reports at login (shown to every client), and the client setting
+combinations already checked against the database (so a bad TimeZone fails
+at the client's login, as it would on PostgreSQL, and is checked only once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from hyperpool.config import DatabaseConfig
+from hyperpool.errors import UpstreamErrorResponse
+from hyperpool.pool import Pool
+from hyperpool.upstream import TRACKED_REPORTED, ServerConnection, open_server, set_statements
+
+_MAX_VALIDATED = 1024
+
+
+class Database:
+    def __init__(self, config: DatabaseConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.pool: Pool[ServerConnection] = Pool(config.name, config.pool, self._connect, clock)
+        self.server_params: dict[str, str] | None = None
+        self._validated: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        self.clients = 0
+
+    async def _connect(self) -> ServerConnection:
+        return await open_server(self.config, self.config.pool.server_connect_timeout)
+
+    def reconfigure(self, config: DatabaseConfig) -> None:
+        """Apply a reloaded config; an origin change retires the old connections as they come back."""
+        origin_changed = (config.host, config.port, config.dbname, config.user, config.password,
+                          config.sslmode) != (self.config.host, self.config.port, self.config.dbname,
+                                              self.config.user, self.config.password, self.config.sslmode)
+        self.config = config
+        if origin_changed:
+            self.server_params = None
+            self._validated.clear()
+            for conn in list(self.pool.idle):
+                self.pool.discard(conn, "origin changed by reload")
+            for conn in list(self.pool.active):
+                conn.created_at = float("-inf")  # expires at its next release
+        self.pool.resize(config.pool)
+
+    async def prepare_client(self, wanted: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """(ParameterStatus values for the client, its settings in the database's canonical form).
+
+        Raises UpstreamError when the database cannot be reached and UpstreamErrorResponse
+        when the database rejects one of the client's settings.
+        """
+        key = frozenset(wanted.items())
+        canonical = self._validated.get(key)
+        if canonical is None or self.server_params is None:
+            canonical = await self._validate(wanted)
+            if len(self._validated) >= _MAX_VALIDATED:
+                self._validated.clear()
+            self._validated[key] = canonical
+        assert self.server_params is not None
+        shown = dict(self.server_params)
+        names = {name.lower(): name for name in shown}
+        for key_lower, value in canonical.items():
+            if key_lower in TRACKED_REPORTED:
+                shown[names.get(key_lower, key_lower)] = value
+        return shown, canonical
+
+    async def _validate(self, wanted: dict[str, str]) -> dict[str, str]:
+        conn = await self.pool.acquire()
+        try:
+            if self.server_params is None:
+                self.server_params = dict(conn.startup_params)
+            sql = set_statements(wanted, conn.applied)
+            if sql:
+                await self._run_internal(conn, sql)
+                conn.applied = dict(wanted)
+            reported = {name.lower(): value for name, value in conn.params.items()}
+            return {k: reported.get(k, v) if k in TRACKED_REPORTED else v for k, v in wanted.items()}
+        finally:
+            self._give_back(conn)
+
+    def _give_back(self, conn: ServerConnection) -> None:
+        if conn.closed or conn.busy or conn.tx_status != b"I":
+            self.pool.discard(conn, "unclean after settings check")
+        else:
+            self.pool.release(conn)
+
+    @staticmethod
+    async def _run_internal(conn: ServerConnection, sql: str) -> None:
+        done: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
+
+        def finished(_conn: ServerConnection, _status: bytes, error: dict[str, str] | None) -> None:
+            if not done.done():
+                done.set_result(error)
+
+        conn.send_internal(sql, finished)
+        error = await done
+        if error is not None:
+            error = {**error, "S": "FATAL", "V": "FATAL"}
+            raise UpstreamErrorResponse(error)

@@ -1,0 +1,249 @@
+"""A pool of server connections for one (database, origin user).
+
+The pool knows nothing about SQL or the protocol: it opens connections with
+the ``connect`` callable it is given, hands them out in FIFO order of the
+waiting clients, takes them back, and retires them by age and idleness.
+Time comes from an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from hyperpool.config import PoolSettings
+from hyperpool.errors import PoolError, ProxyError, UpstreamError
+
+log = logging.getLogger("hyperpool.pool")
+
+
+class Pooled(Protocol):
+    """What the pool needs from a connection."""
+
+    closed: bool
+    created_at: float
+    last_used: float
+    on_close: Callable[..., None] | None
+
+    def close(self, reason: str) -> None: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
+
+@dataclass
+class PoolStats:
+    opened: int = 0
+    closed: int = 0
+    connect_failures: int = 0
+    wait_timeouts: int = 0
+
+
+class Pool(Generic[C]):
+    """Connections for one database; at most ``settings.pool_size`` exist at once."""
+
+    def __init__(self, name: str, settings: PoolSettings, connect: Callable[[], Awaitable[C]],
+                 clock: Callable[[], float]) -> None:
+        self.name = name
+        self.settings = settings
+        self._connect = connect
+        self._clock = clock
+        self.idle: deque[C] = deque()
+        self.active: set[C] = set()
+        self.connecting = 0
+        self.waiters: deque[asyncio.Future[C]] = deque()
+        self.stats = PoolStats()
+        self.paused = False
+        self.closed = False
+        self._last_failure: tuple[float, ProxyError] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    # --- acquire / release --------------------------------------------------------------
+
+    async def acquire(self) -> C:
+        """A connection for the caller's exclusive use, waiting FIFO up to query_wait_timeout."""
+        if self.closed:
+            raise PoolError(f"database {self.name} is shutting down", sqlstate="57P01")
+        conn = None if self.waiters or self.paused else self._take_idle()
+        if conn is not None:
+            return self._checkout(conn)
+        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self._grow()
+        try:
+            async with asyncio.timeout(self.settings.query_wait_timeout or None):
+                return self._checkout(await waiter)
+        except TimeoutError:
+            self.stats.wait_timeouts += 1
+            raise PoolError("query_wait_timeout", sqlstate="08P01",
+                            detail=f"no server connection for database {self.name} became free in "
+                                   f"{self.settings.query_wait_timeout:g} s") from None
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._reclaim_unclaimed(waiter)
+
+    def _reclaim_unclaimed(self, waiter: asyncio.Future[C]) -> None:
+        conn = waiter.result()
+        if conn not in self.active:  # handed over, but the waiter gave up: give it to the next
+            self.release(conn)
+
+    def _checkout(self, conn: C) -> C:
+        self.active.add(conn)
+        return conn
+
+    def _take_idle(self) -> C | None:
+        while self.idle:
+            conn = self.idle.pop()  # LIFO: the warmest connection first
+            if not conn.closed and not self._expired(conn):
+                return conn
+            self._retire(conn, "server_lifetime" if not conn.closed else "closed while idle")
+        return None
+
+    def release(self, conn: C) -> None:
+        """Take a connection back; it must be idle and clean (the caller guarantees it)."""
+        self.active.discard(conn)
+        if conn.closed or self.closed or self._expired(conn):
+            self._retire(conn, "server_lifetime" if not conn.closed else conn.__class__.__name__ + " closed")
+            self._grow()
+            return
+        conn.last_used = self._clock()
+        if not self.paused:
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(conn)
+                    self.active.add(conn)
+                    return
+        self.idle.append(conn)
+
+    def discard(self, conn: C, reason: str) -> None:
+        """Close a connection that is not fit to be reused."""
+        self.active.discard(conn)
+        self._retire(conn, reason)
+        self._grow()
+
+    def _retire(self, conn: C, reason: str) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+        self.active.discard(conn)
+        if not conn.closed:
+            conn.close(reason)
+        self.stats.closed += 1
+
+    def _expired(self, conn: C) -> bool:
+        lifetime = self.settings.server_lifetime
+        return bool(lifetime) and self._clock() - conn.created_at > lifetime
+
+    def connection_closed(self, conn: C) -> None:
+        """Called by a connection that died on its own (e.g. pg_terminate_backend)."""
+        if conn in self.idle or conn in self.active:
+            self.idle.remove(conn) if conn in self.idle else self.active.discard(conn)
+            self.stats.closed += 1
+            self._grow()
+
+    # --- opening connections ------------------------------------------------------------
+
+    def _grow(self) -> None:
+        """Open connections for waiting clients and for min_pool_size, within pool_size."""
+        if self.closed:
+            return
+        wanted = max(len([w for w in self.waiters if not w.done()]) - self.connecting,
+                     self.settings.min_pool_size - self.size)
+        room = self.settings.pool_size - self.size
+        for _ in range(min(wanted, room)):
+            self._spawn(self._open_one())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_one(self) -> None:
+        self.connecting += 1
+        try:
+            conn = await self._open_or_fail_fast()
+        except ProxyError as exc:
+            self._fail_one_waiter(exc)
+            return
+        finally:
+            self.connecting -= 1
+        self.stats.opened += 1
+        conn.on_close = self.connection_closed
+        self.active.add(conn)  # release() moves it to a waiter or to idle
+        self.release(conn)
+
+    async def _open_or_fail_fast(self) -> C:
+        now = self._clock()
+        if self._last_failure and now - self._last_failure[0] < self.settings.server_login_retry:
+            raise self._last_failure[1]
+        try:
+            conn = await self._connect()
+        except ProxyError as exc:
+            self.stats.connect_failures += 1
+            self._last_failure = (self._clock(), exc)
+            log.warning("pool %s: %s", self.name, exc.message)
+            raise
+        except Exception as exc:
+            self.stats.connect_failures += 1
+            log.exception("pool %s: unexpected error while connecting", self.name)
+            raise UpstreamError(f"could not connect to the database: {type(exc).__name__}") from exc
+        self._last_failure = None
+        return conn
+
+    def _fail_one_waiter(self, exc: ProxyError) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+                return
+
+    # --- upkeep -------------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        """Retire idle connections past server_idle_timeout or server_lifetime; keep min_pool_size."""
+        now = self._clock()
+        idle_timeout = self.settings.server_idle_timeout
+        for conn in list(self.idle):
+            too_idle = idle_timeout and now - conn.last_used > idle_timeout and \
+                self.size > self.settings.min_pool_size
+            if conn.closed or self._expired(conn) or too_idle:
+                self._retire(conn, "server_idle_timeout" if too_idle else "server_lifetime")
+        self._grow()
+
+    def resize(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        while len(self.idle) and self.size > settings.pool_size:
+            self._retire(self.idle[0], "pool resized")
+        self._grow()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        while self.idle and self.waiters:
+            conn = self.idle.pop()
+            self.active.add(conn)
+            self.release(conn)
+        self._grow()
+
+    async def close(self) -> None:
+        self.closed = True
+        for conn in list(self.idle) + list(self.active):
+            self._retire(conn, "pool closed")
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(PoolError("the pool is closing", sqlstate="57P01"))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,239 @@
+"""Sans-I/O framing of the PostgreSQL frontend/backend byte streams.
+
+Two readers live here:
+
+* :func:`read_startup` frames the untyped packets that open a connection
+  (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest).
+* :class:`FrameBuffer` yields whole typed messages; it is used while a
+  connection is being set up, where every message is small and decoded.
+* :class:`MessageRelay` is the hot path: it scans a stream of typed messages,
+  passes most bytes through untouched (as memoryview slices of the input) and
+  reports only the message types a decision needs.
+
+Nothing here imports asyncio or touches a socket.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+_INT32 = struct.Struct("!i")
+_HEADER = struct.Struct("!ci")
+_unpack_len = struct.Struct("!i").unpack_from
+
+# Startup-phase packets are limited like PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
+MAX_STARTUP_PACKET = 10000
+
+
+class ProtocolViolation(Exception):
+    """The peer sent bytes that are not a valid message stream."""
+
+
+class StartupCode(IntEnum):
+    """Request codes of the untyped startup-phase packets."""
+
+    PROTOCOL_3_0 = 196608
+    CANCEL_REQUEST = 80877102
+    SSL_REQUEST = 80877103
+    GSSENC_REQUEST = 80877104
+
+
+@dataclass(frozen=True, slots=True)
+class StartupPacket:
+    """One untyped startup-phase packet: its code (or protocol version) and body."""
+
+    code: int
+    body: bytes
+
+    @property
+    def major(self) -> int:
+        return self.code >> 16
+
+    @property
+    def minor(self) -> int:
+        return self.code & 0xFFFF
+
+
+def read_startup(buf: bytearray) -> StartupPacket | None:
+    """Take one startup packet off the front of ``buf``; None if incomplete."""
+    if len(buf) < 8:
+        return None
+    (length,) = _INT32.unpack_from(buf, 0)
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise ProtocolViolation(f"invalid startup packet length {length}")
+    if len(buf) < length:
+        return None
+    (code,) = _INT32.unpack_from(buf, 4)
+    body = bytes(buf[8:length])
+    del buf[:length]
+    return StartupPacket(code & 0xFFFFFFFF, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A typed message: type byte (as int) and payload (without the header)."""
+
+    type: int
+    payload: bytes
+
+    @property
+    def raw(self) -> bytes:
+        return _HEADER.pack(bytes((self.type,)), len(self.payload) + 4) + self.payload
+
+
+def _check_length(msg_type: int, length: int, max_length: int) -> None:
+    if length < 4:
+        raise ProtocolViolation(f"invalid length {length} for message type {chr(msg_type)!r}")
+    if length > max_length:
+        raise ProtocolViolation(
+            f"message of type {chr(msg_type)!r} is {length} bytes, over the limit of {max_length}"
+        )
+
+
+class FrameBuffer:
+    """Accumulate bytes, yield whole typed messages (setup phase, small messages)."""
+
+    def __init__(self, max_length: int = MAX_STARTUP_PACKET) -> None:
+        self.buf = bytearray()
+        self.max_length = max_length
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next_message(self) -> Message | None:
+        buf = self.buf
+        if len(buf) < 5:
+            return None
+        msg_type = buf[0]
+        (length,) = _unpack_len(buf, 1)
+        _check_length(msg_type, length, self.max_length)
+        end = length + 1
+        if len(buf) < end:
+            return None
+        msg = Message(msg_type, bytes(buf[5:end]))
+        del buf[:end]
+        return msg
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self.buf)
+        self.buf.clear()
+        return rest
+
+
+Chunk = memoryview | bytes
+Event = Chunk | Message
+
+
+class MessageRelay:
+    """Scan one direction of a typed message stream for relaying.
+
+    ``feed`` returns a list of events in stream order. A ``memoryview`` or
+    ``bytes`` event is a run of bytes to forward unchanged. A :class:`Message`
+    is a message of a *watched* type (its bytes are also inside the preceding
+    forwarded run) or of an *intercepted* type (its bytes are not forwarded;
+    the caller decides). Messages of other types are never copied: their
+    bytes flow through even when they arrive in pieces.
+    """
+
+    __slots__ = ("_body_left", "_partial", "intercept", "max_length", "valid", "watch")
+
+    def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
+                 valid: bytes | None = None) -> None:
+        self.watch = frozenset(watch)
+        self.intercept = frozenset(intercept)
+        self.max_length = max_length
+        # When given, any other message type is a protocol violation.
+        self.valid = frozenset(range(256)) if valid is None else frozenset(valid)
+        self._body_left = 0  # bytes still to pass through of an unwatched message
+        self._partial = bytearray()  # an incomplete header or watched message
+
+    def feed(self, data: bytes) -> list[Event]:
+        view = memoryview(data)
+        events: list[Event] = []
+        pos = 0
+        end = len(view)
+        if self._body_left:
+            take = min(self._body_left, end)
+            self._body_left -= take
+            if take:
+                events.append(view[:take])
+            pos = take
+        if self._partial and pos < end:
+            pos = self._complete_partial(view, pos, events)
+        if pos < end:
+            self._scan(view, pos, events)
+        return events
+
+    def _complete_partial(self, view: memoryview, pos: int, events: list[Event]) -> int:
+        """Grow the pending partial message from ``view``; return the new position."""
+        partial = self._partial
+        if len(partial) < 5:
+            need = 5 - len(partial)
+            partial += view[pos : pos + need]
+            pos += min(need, len(view) - pos)
+            if len(partial) < 5:
+                return pos
+        msg_type = partial[0]
+        (length,) = _unpack_len(partial, 1)
+        _check_length(msg_type, length, self.max_length)
+        if msg_type not in self.valid:
+            raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
+        if msg_type not in self.watch and msg_type not in self.intercept:
+            # Only the header was pending: pass it on and stream the body.
+            body_left = length - 4 - (len(partial) - 5)
+            events.append(bytes(partial))
+            partial.clear()
+            take = min(body_left, len(view) - pos)
+            if take:
+                events.append(view[pos : pos + take])
+            self._body_left = body_left - take
+            return pos + take
+        need = length + 1 - len(partial)
+        take = min(need, len(view) - pos)
+        partial += view[pos : pos + take]
+        pos += take
+        if take == need:
+            msg = Message(msg_type, bytes(partial[5:]))
+            partial.clear()
+            if msg_type not in self.intercept:
+                events.append(msg.raw)
+            events.append(msg)
+        return pos
+
+    def _scan(self, view: memoryview, pos: int, events: list[Event]) -> None:
+        watch, intercept, max_length, valid = self.watch, self.intercept, self.max_length, self.valid
+        end = len(view)
+        run_start = pos
+        while pos < end:
+            if end - pos < 5:
+                break
+            msg_type = view[pos]
+            (length,) = _unpack_len(view, pos + 1)
+            if length < 4 or length > max_length:
+                _check_length(msg_type, length, max_length)
+            if msg_type not in valid:
+                raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
+            msg_end = pos + 1 + length
+            if msg_type in watch or msg_type in intercept:
+                if msg_end > end:
+                    break
+                if msg_type in intercept:
+                    if pos > run_start:
+                        events.append(view[run_start:pos])
+                    run_start = msg_end
+                    events.append(Message(msg_type, bytes(view[pos + 5 : msg_end])))
+                else:
+                    events.append(view[run_start:msg_end])
+                    run_start = msg_end
+                    events.append(Message(msg_type, bytes(view[pos + 5 : msg_end])))
+            elif msg_end > end:
+                self._body_left = msg_end - end
+                pos = end
+                break
+            pos = msg_end
+        if pos > run_start:
+            events.append(view[run_start:pos])
+        if pos < end:
+            self._partial += view[pos:end]

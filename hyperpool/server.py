@@ -1,0 +1,192 @@
+"""The running proxy: listeners, ServerState (every session, pool and task), reload, shutdown.
+
+Lifecycle follows uvicorn's order: stop accepting, ask sessions to finish,
+drain with a timeout, cancel what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import signal
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from hyperpool.config import Config, load_config
+from hyperpool.database import Database
+from hyperpool.errors import ConfigError, PoolError
+from hyperpool.session import ClientSession
+
+log = logging.getLogger("hyperpool.server")
+
+
+def client_tls_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    return ctx
+
+
+class ServerState:
+    """Everything the running proxy owns; handed to every session (no globals)."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.client_tls = client_tls_context(config)
+        self.databases: dict[str, Database] = {n: Database(db, clock) for n, db in config.databases.items()}
+        self.sessions: set[ClientSession] = set()
+        self.cancel_keys: dict[int, tuple[int, ClientSession]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
+
+    # --- clients ------------------------------------------------------------------------
+
+    def check_client_limit(self, database: Database | None) -> None:
+        if self.shutting_down:
+            raise PoolError("the database system is shutting down", sqlstate="57P03")
+        if database is None:
+            if len(self.sessions) > self.config.pool.max_client_conn:
+                raise PoolError("no more connections allowed (max_client_conn)", sqlstate="53300")
+        elif database.clients >= database.config.pool.max_client_conn:
+            raise PoolError(f"no more connections allowed to database {database.config.name} "
+                            "(max_client_conn)", sqlstate="53300")
+
+    def register_cancel_key(self, session: ClientSession) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbelow((1 << 31) - 2) + 1
+            if pid not in self.cancel_keys:
+                break
+        secret = secrets.randbits(32) - (1 << 31)
+        self.cancel_keys[pid] = (secret, session)
+        return pid, secret
+
+    def unregister_cancel_key(self, key: tuple[int, int]) -> None:
+        entry = self.cancel_keys.get(key[0])
+        if entry is not None and entry[0] == key[1]:
+            del self.cancel_keys[key[0]]
+
+    def cancel(self, pid: int, secret: int) -> None:
+        entry = self.cancel_keys.get(pid)
+        if entry is None:
+            return
+        expected, session = entry
+        if hmac.compare_digest(expected.to_bytes(4, "big", signed=True), secret.to_bytes(4, "big", signed=True)):
+            session.cancel_running_query()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- config -------------------------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """Swap in a new, already validated config without dropping connected clients."""
+        self.client_tls = client_tls_context(config)
+        for name in list(self.databases):
+            if name not in config.databases:
+                self.spawn(self.databases.pop(name).pool.close())
+        for name, db in config.databases.items():
+            if name in self.databases:
+                self.databases[name].reconfigure(db)
+            else:
+                self.databases[name] = Database(db, self.clock)
+                self.databases[name].pool.maintain()
+        self.config = config
+
+    def maintain(self) -> None:
+        for database in self.databases.values():
+            database.pool.maintain()
+
+
+class Server:
+    """Listens for clients and runs until shut down."""
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.state = ServerState(config)
+        self.config_path = config_path
+        self._listener: asyncio.AbstractServer | None = None
+        self._stopped = asyncio.Event()
+        self._maintainer: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.state.config
+        self._listener = await loop.create_server(
+            lambda: ClientSession(self.state), cfg.listen_host, cfg.listen_port, reuse_address=True, backlog=1024)
+        self._maintainer = loop.create_task(self._maintain_forever())
+        self.state.maintain()
+        log.info("hyperpool listening on %s:%d (%d databases, pool_mode %s)", cfg.listen_host, self.port,
+                 len(self.state.databases), cfg.pool.pool_mode)
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.state.maintain()
+            except Exception:
+                log.exception("pool maintenance failed")
+
+    def reload(self) -> bool:
+        """Re-read the config file; keep the old config when the new one is invalid."""
+        if self.config_path is None:
+            return False
+        try:
+            config = load_config(self.config_path)
+            self.state.apply_config(config)
+        except (ConfigError, OSError, ssl.SSLError) as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return False
+        log.info("configuration reloaded from %s", self.config_path)
+        return True
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGINT, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def request_shutdown(self) -> None:
+        if not self.state.shutting_down:
+            log.info("shutdown requested")
+            self.state.spawn(self.shutdown())
+
+    async def shutdown(self) -> None:
+        state = self.state
+        state.shutting_down = True
+        if self._listener is not None:
+            self._listener.close()
+        timeout = state.config.shutdown_timeout
+        finishing = [asyncio.ensure_future(s.shutdown()) for s in list(state.sessions)]
+        if finishing:
+            _, pending = await asyncio.wait(finishing, timeout=timeout or None)
+            for task in pending:
+                task.cancel()
+        for session in list(state.sessions):
+            session.fail(PoolError("terminating connection due to administrator command", sqlstate="57P01"))
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+        await asyncio.gather(*(db.pool.close() for db in state.databases.values()))
+        log.info("hyperpool stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self) -> None:
+        await self.start()
+        self.install_signal_handlers()
+        await self.wait_stopped()

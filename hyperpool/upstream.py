@@ -1,0 +1,376 @@
+"""A connection from hyperpool to the database (a "server connection").
+
+It logs in (TLS per sslmode, SCRAM-SHA-256 / md5 / cleartext as a client),
+then relays the server's bytes to whichever client is attached, watching
+only ReadyForQuery, ParameterStatus and ErrorResponse. Queries hyperpool runs
+for itself (SET to apply a client's settings, ROLLBACK, DISCARD ALL) are
+"internal": their responses are swallowed, never shown to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from hyperpool.config import DatabaseConfig
+from hyperpool.errors import UpstreamError
+from hyperpool.protocol import messages, scram
+from hyperpool.protocol.framing import FrameBuffer, Message, MessageRelay, ProtocolViolation
+
+log = logging.getLogger("hyperpool.upstream")
+
+# Reported (GUC_REPORT) settings a client may change and hyperpool must carry per client.
+TRACKED_REPORTED = frozenset(
+    {"application_name", "client_encoding", "datestyle", "intervalstyle", "timezone",
+     "standard_conforming_strings", "default_transaction_read_only"}
+)
+
+InternalDone = Callable[["ServerConnection", bytes, dict[str, str] | None], None]
+
+
+class ServerClient(Protocol):
+    """What a server connection needs from the client session it serves."""
+
+    def server_data(self, data: bytes | memoryview) -> None: ...
+    def server_ready(self, server: ServerConnection, status: bytes) -> None: ...
+    def server_parameter(self, name: str, value: str) -> None: ...
+    def server_lost(self, server: ServerConnection, reason: str) -> None: ...
+    def server_pause_writing(self) -> None: ...
+    def server_resume_writing(self) -> None: ...
+
+
+def quote_literal(value: str) -> str:
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def set_statements(wanted: dict[str, str], applied: dict[str, str]) -> str:
+    """SQL that moves a server connection's settings from ``applied`` to ``wanted``."""
+    parts = [f"SET {name} TO {quote_literal(value)}" for name, value in wanted.items()
+             if applied.get(name) != value]
+    parts += [f"RESET {name}" for name in applied if name not in wanted]
+    return ";".join(parts)
+
+
+def _ssl_context(db: DatabaseConfig) -> ssl.SSLContext:
+    if db.sslmode in ("verify-ca", "verify-full"):
+        ctx = ssl.create_default_context(cafile=db.sslrootcert)
+        ctx.check_hostname = db.sslmode == "verify-full"
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ServerConnection(asyncio.Protocol):
+    """One authenticated connection to the database, relayed to at most one client at a time."""
+
+    def __init__(self, db: DatabaseConfig) -> None:
+        self.db = db
+        self.transport: asyncio.Transport | None = None
+        self.client: ServerClient | None = None
+        self.params: dict[str, str] = {}
+        self.startup_params: dict[str, str] = {}
+        self.applied: dict[str, str] = {}
+        self.backend_key: tuple[int, int] = (0, 0)
+        self.outstanding = 0  # client Query/Sync/FunctionCall not yet answered by ReadyForQuery
+        self.tx_status = b"I"
+        self.closed = False
+        self.close_reason = ""
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.on_close: Callable[[ServerConnection], None] | None = None
+        self._internal: deque[InternalDone | None] = deque()
+        self._internal_error: dict[str, str] | None = None
+        self._setup: FrameBuffer | None = FrameBuffer(max_length=1 << 20)
+        self._waiter: asyncio.Future[None] | None = None
+        self._relay = MessageRelay(watch=b"ZSE")
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._setup is not None:
+            self._setup.feed(data)
+            self._wake()
+            return
+        try:
+            events = self._relay.feed(data)
+        except ProtocolViolation as exc:
+            self.close(f"protocol violation from server: {exc}")
+            return
+        self._dispatch(events)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._mark_closed("server closed the connection" if exc is None else f"server connection lost: {exc}")
+        self._wake()
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.server_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.server_resume_writing()
+
+    # --- relay --------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[memoryview | bytes | Message]) -> None:
+        out: list[memoryview | bytes] = []
+        for ev in events:
+            if type(ev) is not Message:
+                if not self._internal and self.client is not None:
+                    out.append(ev)  # type: ignore[arg-type]
+                continue
+            kind = ev.type
+            if kind == 90:  # 'Z' ReadyForQuery
+                self.tx_status = ev.payload[:1]
+                if self._internal:
+                    self._finish_internal()
+                else:
+                    self.outstanding -= 1
+                    if self.outstanding <= 0 and self.client is not None:
+                        self.outstanding = 0
+                        self._flush(out)
+                        self.client.server_ready(self, self.tx_status)
+            elif kind == 83:  # 'S' ParameterStatus
+                self._parameter_status(ev.payload)
+            elif self._internal:  # 'E' during hyperpool's own query
+                self._internal_error = messages.decode_error_fields(ev.payload)
+        self._flush(out)
+
+    def _flush(self, out: list[memoryview | bytes]) -> None:
+        if not out or self.client is None:
+            out.clear()
+            return
+        self.client.server_data(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def _parameter_status(self, payload: bytes) -> None:
+        try:
+            name, value = messages.decode_parameter_status(payload)
+        except ProtocolViolation:
+            return
+        self.params[name] = value
+        key = name.lower()
+        if self._internal or self.client is None or key not in TRACKED_REPORTED:
+            return
+        self.applied[key] = value
+        self.client.server_parameter(key, value)
+
+    def _finish_internal(self) -> None:
+        done = self._internal.popleft()
+        error, self._internal_error = self._internal_error, None
+        if error is not None:
+            log.warning("internal query on server connection failed: %s", error.get("M"))
+        if done is not None:
+            done(self, self.tx_status, error)
+
+    def send_internal(self, sql: str, done: InternalDone | None = None) -> None:
+        """Run ``sql`` for hyperpool itself; its response never reaches a client."""
+        assert self.transport is not None
+        self._internal.append(done)
+        self.transport.write(messages.query(sql))
+
+    def apply_settings(self, wanted: dict[str, str]) -> None:
+        """Pipeline the SET/RESET that give this connection a client's settings."""
+        sql = set_statements(wanted, self.applied)
+        if sql:
+            self.send_internal(sql)
+            self.applied = dict(wanted)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._internal) or self.outstanding > 0
+
+    def write(self, data: bytes | memoryview, syncs: int) -> None:
+        assert self.transport is not None
+        self.outstanding += syncs
+        self.transport.write(data)
+
+    def cancel_request(self) -> bytes:
+        return messages.cancel_request(*self.backend_key)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(messages.TERMINATE)
+            self.transport.close()
+        self._mark_closed(reason)
+
+    def _mark_closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        client, self.client = self.client, None
+        pending, self._internal = list(self._internal), deque()
+        for done in pending:
+            if done is not None:
+                done(self, b"", {"S": "FATAL", "C": "08006", "M": reason})
+        if client is not None:
+            client.server_lost(self, reason)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # --- login --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _read_message(self) -> Message:
+        assert self._setup is not None
+        while True:
+            msg = self._setup.next_message()
+            if msg is not None:
+                return msg
+            if self.closed:
+                raise UpstreamError(f"server closed the connection during login ({self.close_reason})")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    async def _read_raw_byte(self) -> int:
+        assert self._setup is not None
+        while not self._setup.buf:
+            if self.closed:
+                raise UpstreamError("server closed the connection during SSL negotiation")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        byte = self._setup.buf[0]
+        del self._setup.buf[:1]
+        return byte
+
+    async def login(self) -> None:
+        """TLS (per sslmode), StartupMessage and authentication, up to the first ReadyForQuery."""
+        if self.db.sslmode not in ("disable", "allow"):
+            await self._negotiate_tls()
+        params = {"user": self.db.user, "database": self.db.dbname, **dict(self.db.connect_options)}
+        self._send(messages.startup_message(params))
+        await self._authenticate()
+        await self._read_until_ready()
+        assert self._setup is not None
+        if self._setup.buf:
+            raise UpstreamError("server sent data after ReadyForQuery during login")
+        self._setup = None
+        self.startup_params = dict(self.params)
+
+    def _send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def _negotiate_tls(self) -> None:
+        self._send(messages.ssl_request())
+        answer = await self._read_raw_byte()
+        if answer == ord("S"):
+            assert self.transport is not None and self._setup is not None
+            if self._setup.buf:
+                raise UpstreamError("server sent unencrypted data after accepting SSL")
+            loop = asyncio.get_running_loop()
+            hostname = self.db.host if self.db.sslmode == "verify-full" else None
+            new = await loop.start_tls(self.transport, self, _ssl_context(self.db), server_hostname=hostname)
+            self.transport = cast(asyncio.Transport, new)
+        elif answer == ord("N"):
+            if self.db.sslmode not in ("prefer",):
+                raise UpstreamError(f"server does not support SSL, but sslmode is {self.db.sslmode}")
+        else:
+            raise UpstreamError("server answered the SSL request with garbage")
+
+    async def _authenticate(self) -> None:
+        client: scram.ScramClient | None = None
+        while True:
+            msg = await self._read_message()
+            if msg.type == ord("E"):
+                self._raise_login_error(msg)
+            if msg.type != ord("R"):
+                raise UpstreamError(f"unexpected message {chr(msg.type)!r} during server login")
+            code, data = messages.decode_authentication(msg.payload)
+            if code == messages.AUTH_OK:
+                return
+            client = self._answer_auth(code, data, client)
+
+    def _password(self) -> str:
+        if self.db.password is None:
+            raise UpstreamError(f"the database asks for a password, but databases.{self.db.name}.password "
+                                "is not set")
+        return self.db.password
+
+    def _answer_auth(self, code: int, data: bytes, client: scram.ScramClient | None) -> scram.ScramClient | None:
+        if code == messages.AUTH_CLEARTEXT:
+            self._send(messages.password_message(self._password().encode() + b"\x00"))
+        elif code == messages.AUTH_MD5:
+            response = scram.md5_client_response(self._password(), self.db.user, data[:4])
+            self._send(messages.password_message(response + b"\x00"))
+        elif code == messages.AUTH_SASL:
+            if scram.MECHANISM not in messages.decode_sasl_mechanisms(data):
+                raise UpstreamError("the database offers no SASL mechanism hyperpool supports")
+            client = scram.ScramClient(self._password())
+            self._send(messages.sasl_initial_response(scram.MECHANISM, client.client_first()))
+        elif code == messages.AUTH_SASL_CONTINUE and client is not None:
+            self._send(messages.password_message(client.server_first(data)))
+        elif code == messages.AUTH_SASL_FINAL and client is not None:
+            client.server_final(data)
+        else:
+            raise UpstreamError(f"unsupported authentication request {code} from the database")
+        return client
+
+    def _raise_login_error(self, msg: Message) -> None:
+        fields = messages.decode_error_fields(msg.payload)
+        raise UpstreamError(f"server login failed: {fields.get('M', 'unknown error')}",
+                            detail=f"SQLSTATE {fields.get('C', '?')} from database {self.db.dbname}")
+
+    async def _read_until_ready(self) -> None:
+        while True:
+            msg = await self._read_message()
+            if msg.type == ord("S"):
+                name, value = messages.decode_parameter_status(msg.payload)
+                self.params[name] = value
+            elif msg.type == ord("K"):
+                self.backend_key = messages.decode_backend_key_data(msg.payload)
+            elif msg.type == ord("Z"):
+                self.tx_status = msg.payload[:1]
+                return
+            elif msg.type == ord("E"):
+                self._raise_login_error(msg)
+
+
+async def open_server(db: DatabaseConfig, timeout: float) -> ServerConnection:
+    """Connect and log in to the database; raise UpstreamError (08006) on any failure."""
+    loop = asyncio.get_running_loop()
+    conn: ServerConnection | None = None
+    try:
+        async with asyncio.timeout(timeout or None):
+            _, conn = await loop.create_connection(lambda: ServerConnection(db), db.host, db.port)
+            await conn.login()
+        return conn
+    except UpstreamError:
+        if conn is not None:
+            conn.close("login failed")
+        raise
+    except (OSError, TimeoutError, ssl.SSLError, scram.AuthError, ProtocolViolation) as exc:
+        if conn is not None:
+            conn.close("login failed")
+        what = "timeout" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
+        raise UpstreamError(f"could not connect to the database at {db.host}:{db.port}: {what}") from None
+
+
+async def send_cancel(host: str, port: int, request: bytes) -> None:
+    """Deliver a CancelRequest on a fresh connection, as PostgreSQL expects."""
+    try:
+        async with asyncio.timeout(5):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            await writer.drain()
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("could not deliver cancel request to %s:%s: %s", host, port, exc)
