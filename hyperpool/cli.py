@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import os
 import sys
@@ -75,7 +76,7 @@ def cmd_passwd(user: str) -> int:
         print("hyperpool passwd: empty password", file=sys.stderr)
         return 2
     verifier = scram.make_verifier(password)
-    print(f'{user}: {{password: "{verifier}"}}')
+    print(f'{json.dumps(user)}: {{password: "{verifier}"}}')
     return 0
 
 

@@ -191,8 +191,10 @@ def _user(name: str, raw: Any) -> UserConfig:
     if "password" not in section:
         raise ConfigError(f"{key}.password: required")
     password = _str(section["password"], f"{key}.password")
+    if not password:
+        raise ConfigError(f"{key}.password: must not be empty")
     verifier: scram.ScramVerifier | None
-    if scram.is_scram_verifier(password):
+    if password.startswith("SCRAM-SHA-256$"):
         try:
             verifier = scram.parse_verifier(password)
         except ValueError as exc:
@@ -294,9 +296,11 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate a YAML config file."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

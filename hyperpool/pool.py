@@ -77,10 +77,14 @@ class Pool(Generic[C]):
             return self._checkout(conn)
         waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
-        self._grow()
+        if not self.paused:
+            self._grow()
+        claimed = False
         try:
             async with asyncio.timeout(self.settings.query_wait_timeout or None):
-                return self._checkout(await waiter)
+                conn = await waiter
+                claimed = True
+                return conn
         except TimeoutError:
             self.stats.wait_timeouts += 1
             raise PoolError("query_wait_timeout", sqlstate="08P01",
@@ -89,13 +93,8 @@ class Pool(Generic[C]):
         finally:
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._reclaim_unclaimed(waiter)
-
-    def _reclaim_unclaimed(self, waiter: asyncio.Future[C]) -> None:
-        conn = waiter.result()
-        if conn not in self.active:  # handed over, but the waiter gave up: give it to the next
-            self.release(conn)
+            if not claimed and waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(waiter.result())  # handed over, but the waiter gave up: pass it on
 
     def _checkout(self, conn: C) -> C:
         self.active.add(conn)
@@ -103,19 +102,24 @@ class Pool(Generic[C]):
 
     def _take_idle(self) -> C | None:
         while self.idle:
-            conn = self.idle.pop()  # LIFO: the warmest connection first
+            conn = self.idle[-1]  # LIFO: the warmest connection first
             if not conn.closed and not self._expired(conn):
-                return conn
+                return self.idle.pop()
             self._retire(conn, "server_lifetime" if not conn.closed else "closed while idle")
         return None
 
     def release(self, conn: C) -> None:
         """Take a connection back; it must be idle and clean (the caller guarantees it)."""
-        self.active.discard(conn)
-        if conn.closed or self.closed or self._expired(conn):
-            self._retire(conn, "server_lifetime" if not conn.closed else conn.__class__.__name__ + " closed")
+        if conn not in self.active:  # e.g. it died and was already dropped
+            if not conn.closed:
+                conn.close("released twice")
+            return
+        reason = self._unfit(conn)
+        if reason:
+            self._retire(conn, reason)
             self._grow()
             return
+        self.active.discard(conn)
         conn.last_used = self._clock()
         if not self.paused:
             while self.waiters:
@@ -126,19 +130,32 @@ class Pool(Generic[C]):
                     return
         self.idle.append(conn)
 
+    def _unfit(self, conn: C) -> str:
+        """Why a returning connection must not be reused ('' when it may)."""
+        if conn.closed:
+            return "closed"
+        if self.closed:
+            return "pool closed"
+        if self._expired(conn):
+            return "server_lifetime"
+        if self.size > self.settings.pool_size:
+            return "pool resized"
+        return ""
+
     def discard(self, conn: C, reason: str) -> None:
         """Close a connection that is not fit to be reused."""
-        self.active.discard(conn)
         self._retire(conn, reason)
         self._grow()
 
     def _retire(self, conn: C, reason: str) -> None:
+        tracked = conn in self.active or conn in self.idle
         if conn in self.idle:
             self.idle.remove(conn)
         self.active.discard(conn)
         if not conn.closed:
             conn.close(reason)
-        self.stats.closed += 1
+        if tracked:
+            self.stats.closed += 1
 
     def _expired(self, conn: C) -> bool:
         lifetime = self.settings.server_lifetime
@@ -161,6 +178,7 @@ class Pool(Generic[C]):
                      self.settings.min_pool_size - self.size)
         room = self.settings.pool_size - self.size
         for _ in range(min(wanted, room)):
+            self.connecting += 1  # counted now, not when the task first runs
             self._spawn(self._open_one())
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -169,7 +187,6 @@ class Pool(Generic[C]):
         task.add_done_callback(self._tasks.discard)
 
     async def _open_one(self) -> None:
-        self.connecting += 1
         try:
             conn = await self._open_or_fail_fast()
         except ProxyError as exc:
@@ -247,3 +264,4 @@ class Pool(Generic[C]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.connecting = 0  # tasks cancelled before their first step never decrement it

@@ -58,11 +58,13 @@ class StartupPacket:
 
 def read_startup(buf: bytearray) -> StartupPacket | None:
     """Take one startup packet off the front of ``buf``; None if incomplete."""
-    if len(buf) < 8:
+    if len(buf) < 4:
         return None
     (length,) = _INT32.unpack_from(buf, 0)
     if length < 8 or length > MAX_STARTUP_PACKET:
         raise ProtocolViolation(f"invalid startup packet length {length}")
+    if len(buf) < 8:
+        return None
     if len(buf) < length:
         return None
     (code,) = _INT32.unpack_from(buf, 4)

@@ -157,7 +157,9 @@ def decode_error_fields(payload: bytes) -> dict[str, str]:
     fields: dict[str, str] = {}
     pos = 0
     while pos < len(payload) and payload[pos] != 0:
-        end = payload.index(b"\x00", pos + 1)
+        end = payload.find(b"\x00", pos + 1)
+        if end < 0:
+            raise ProtocolViolation("unterminated field in ErrorResponse/NoticeResponse")
         fields[chr(payload[pos])] = payload[pos + 1 : end].decode(errors="replace")
         pos = end + 1
     return fields

@@ -1,0 +1,250 @@
+"""The servers bench/compare.py runs pgbench against: helpers to start, probe and stop them.
+
+PgBouncer and hyperpool run as our children, each in its own process group, logging to files in a
+temp dir; stop() signals the group (PgBouncer runs under ``runuser`` when we are root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+USER = DBNAME = PASSWORD = "bench"
+PGBOUNCER_BIN = Path("/usr/sbin/pgbouncer")
+RUN_AS = "postgres"
+START_TIMEOUT = 30.0
+LOG_TAIL_LINES = 30
+
+
+class BenchError(RuntimeError):
+    """Something the bench needs could not be set up."""
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Small process helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def client_env() -> dict[str, str]:
+    """Our environment without PG* variables, plus the bench password for pgbench/psql."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=PASSWORD, PGCONNECT_TIMEOUT="10")
+    return env
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or f"/usr/bin/{name}"
+    if not os.access(path, os.X_OK):
+        raise BenchError(f"{name} not found (install postgresql-client)")
+    return path
+
+
+def first_line(args: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+        return True
+    return False
+
+
+def psql_select_1(port: int) -> str | None:
+    """None when `select 1` works on HOST:port as the bench user, else what psql said."""
+    args = [tool("psql"), "-X", "-At", "-h", HOST, "-p", str(port), "-U", USER, "-d", DBNAME, "-c", "select 1"]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, env=client_env(), check=False)
+    except subprocess.TimeoutExpired:
+        return "psql timed out after 30 s"
+    return None if out.returncode == 0 and out.stdout.strip() == "1" else (out.stderr or out.stdout).strip()
+
+
+def stop_group(proc: subprocess.Popen[bytes], first: signal.Signals) -> None:
+    """Stop a child started with start_new_session=True: `first`, then SIGTERM, then SIGKILL.
+
+    Signals go to the child's process group (so runuser's child gets them too), and only while the
+    child is not yet reaped, so its pid, and with it the group id, cannot have been reused.
+    """
+    for sig in (first, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5.0)
+
+
+class Pooler(Protocol):
+    name: str
+    port: int
+
+    def died(self) -> str | None: ...
+
+    def log_tail(self) -> str: ...
+
+
+class ManagedProcess:
+    """A pooler running as our child in its own process group, logging to a file."""
+
+    name = "pooler"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = 0
+        self.output_file = workdir / f"{self.name}.out"  # its stdout and stderr
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write config files for self.port."""
+
+    def popen_options(self) -> dict[str, Any]:
+        return {}
+
+    def log_tail(self) -> str:
+        return f"--- {self.output_file} ---\n{tail(self.output_file)}"
+
+    def start(self) -> None:
+        for _attempt in range(3):  # the free port may be taken between probe and bind
+            self.port = free_port()
+            self.prepare()
+            with self.output_file.open("ab") as out:
+                self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             **self.popen_options())
+            if self._wait_ready():
+                problem = psql_select_1(self.port)
+                if problem is None:
+                    return
+                raise BenchError(f"{self.name} is up on port {self.port} but `select 1` through it failed: "
+                                 f"{problem}\n{self.log_tail()}")
+        raise BenchError(f"{self.name} did not start\n{self.log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if port_open(self.port):
+                return True
+            time.sleep(0.1)
+        self.stop()
+        return False
+
+    def died(self) -> str | None:
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"{self.name} exited with code {self.proc.returncode}\n{self.log_tail()}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, self.stop_signal)
+
+
+class PgBouncer(ManagedProcess):
+    name = "pgbouncer"
+    stop_signal = signal.SIGINT  # safe shutdown; stop_group follows with SIGTERM (immediate) and SIGKILL
+
+    def __init__(self, workdir: Path, pg_port: int, pool_size: int, secret: str) -> None:
+        super().__init__(workdir)
+        self.pg_port = pg_port
+        self.pool_size = pool_size
+        self.secret = secret  # the plain password, or the SCRAM secret PostgreSQL stores for the user
+        self.ini = workdir / "pgbouncer.ini"
+        self.log_file = workdir / "pgbouncer.log"  # its own logfile; it writes the same lines to stderr (.out)
+
+    def prepare(self) -> None:
+        userlist = self.workdir / "userlist.txt"
+        userlist.write_text(f'"{USER}" "{self.secret}"\n')
+        self.ini.write_text(
+            "[databases]\n"
+            f"{DBNAME} = host={HOST} port={self.pg_port} dbname={DBNAME}\n\n"
+            "[pgbouncer]\n"
+            f"listen_addr = {HOST}\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = scram-sha-256\nauth_file = {userlist}\n"
+            f"pool_mode = transaction\ndefault_pool_size = {self.pool_size}\nmin_pool_size = {self.pool_size}\n"
+            "max_client_conn = 1000\nserver_tls_sslmode = disable\n"
+            "ignore_startup_parameters = extra_float_digits,options\n"
+            f"logfile = {self.log_file}\n"
+            "log_connections = 0\nlog_disconnections = 0\n"  # hyperpool at log_level warning logs neither
+        )
+        for path in (self.ini, userlist):
+            path.chmod(0o600)
+        owner = run_as_owner()
+        if owner is not None:
+            for path in (self.workdir, *self.workdir.iterdir()):
+                os.chown(path, *owner)
+
+    def command(self) -> list[str]:
+        prefix = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", RUN_AS, "--"] if os.geteuid() == 0 else []
+        return [*prefix, str(PGBOUNCER_BIN), str(self.ini)]
+
+
+class Hyperpool(ManagedProcess):
+    name = "hyperpool"
+
+    def __init__(self, workdir: Path, pg_port: int, pool_size: int) -> None:
+        super().__init__(workdir)
+        self.pg_port = pg_port
+        self.pool_size = pool_size
+        self.config = workdir / "hyperpool.yaml"
+
+    def prepare(self) -> None:
+        database = {"host": HOST, "port": self.pg_port, "user": USER, "password": PASSWORD, "sslmode": "disable",
+                    "pool_size": self.pool_size, "min_pool_size": self.pool_size}
+        config = {"listen": {"host": HOST, "port": self.port}, "auth_type": "scram-sha-256",
+                  "pool_mode": "transaction", "max_client_conn": 1000, "shutdown_timeout": 5,
+                  "log_level": "warning", "users": {USER: {"password": PASSWORD}}, "databases": {DBNAME: database}}
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.config.chmod(0o600)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "hyperpool", "--config", str(self.config)]
+
+    def popen_options(self) -> dict[str, Any]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        return {"env": env, "cwd": REPO}
+
+
+def run_as_owner() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam(RUN_AS)
+    return entry.pw_uid, entry.pw_gid
