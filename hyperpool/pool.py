@@ -68,13 +68,22 @@ class Pool(Generic[C]):
 
     # --- acquire / release --------------------------------------------------------------
 
+    def try_acquire(self) -> C | None:
+        """An idle connection right away, without waiting (the hot path); None if there is none."""
+        if self.waiters or self.paused or self.closed:
+            return None
+        conn = self._take_idle()
+        if conn is not None:
+            self.active.add(conn)
+        return conn
+
     async def acquire(self) -> C:
         """A connection for the caller's exclusive use, waiting FIFO up to query_wait_timeout."""
         if self.closed:
             raise PoolError(f"database {self.name} is shutting down", sqlstate="57P01")
-        conn = None if self.waiters or self.paused else self._take_idle()
+        conn = self.try_acquire()
         if conn is not None:
-            return self._checkout(conn)
+            return conn
         waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         if not self.paused:
@@ -95,10 +104,6 @@ class Pool(Generic[C]):
                 self.waiters.remove(waiter)
             if not claimed and waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release(waiter.result())  # handed over, but the waiter gave up: pass it on
-
-    def _checkout(self, conn: C) -> C:
-        self.active.add(conn)
-        return conn
 
     def _take_idle(self) -> C | None:
         while self.idle:

@@ -253,7 +253,7 @@ class ClientSession(asyncio.Protocol):
         if self.phase is not Phase.LOGIN:
             return
         self.phase = Phase.READY
-        self._reader = MessageRelay(watch=_SYNC_TYPES, intercept=bytes([_TERMINATE]),
+        self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]),
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES)
         rest = self._setup.take_rest()
         if rest:
@@ -268,32 +268,36 @@ class ClientSession(asyncio.Protocol):
     # --- relay: client -> server ---------------------------------------------------------
 
     def _relay(self, data: bytes) -> None:
-        assert self._reader is not None
+        reader = self._reader
+        assert reader is not None
         try:
-            events = self._reader.feed(data)
+            events = reader.feed(data)
         except ProtocolViolation as exc:
             self.fail(ClientProtocolError(str(exc)))
             return
+        syncs, reader.counted = reader.counted, 0
+        self._unsynced = reader.tail
+        if len(events) == 1 and type(events[0]) is not Message:
+            self._forward(events, syncs)  # type: ignore[arg-type]
+            return
         out: list[bytes | memoryview] = []
-        syncs = 0
         for ev in events:
-            if type(ev) is Message:
-                if ev.type == _TERMINATE:
-                    self._forward(out, syncs)
-                    self._close_transport()
-                    return
-                syncs += 1
-                self._unsynced = False
-            else:
-                out.append(ev)  # type: ignore[arg-type]
-                self._unsynced = True
-        if out:
-            self._forward(out, syncs)
+            if type(ev) is Message:  # only Terminate is intercepted
+                self._forward(out, syncs)
+                self._close_transport()
+                return
+            out.append(ev)  # type: ignore[arg-type]
+        self._forward(out, syncs)
 
     def _forward(self, out: list[bytes | memoryview], syncs: int) -> None:
         if not out:
             return
         server = self.server
+        if server is None and self._attach_task is None:
+            assert self.database is not None
+            server = self.database.pool.try_acquire()  # the hot path: an idle server, no task
+            if server is not None:
+                self._use_server(server)
         if server is not None and not self._queued:
             server.write(out[0] if len(out) == 1 else b"".join(out), syncs)
             return
@@ -314,12 +318,16 @@ class ClientSession(asyncio.Protocol):
         if self.phase is not Phase.READY:
             self.database.pool.release(server)
             return
+        self._use_server(server)
+
+    def _use_server(self, server: ServerConnection) -> None:
         self.server = server
         server.client = self
         server.apply_settings(self.wanted)
-        data, syncs = b"".join(self._queued), self._queued_syncs
-        self._queued, self._queued_syncs = [], 0
-        server.write(data, syncs)
+        if self._queued:
+            data, syncs = b"".join(self._queued), self._queued_syncs
+            self._queued, self._queued_syncs = [], 0
+            server.write(data, syncs)
 
     # --- relay: server -> client (called by ServerConnection) ----------------------------
 

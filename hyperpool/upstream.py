@@ -31,6 +31,11 @@ TRACKED_REPORTED = frozenset(
      "standard_conforming_strings", "default_transaction_read_only"}
 )
 
+# Relaying for a client, ReadyForQuery is only counted (no object built); while hyperpool's own
+# queries are in flight every ReadyForQuery and ErrorResponse is a boundary to act on.
+_FAST_WATCH, _FAST_COUNT = b"S", b"Z"
+_INTERNAL_WATCH = b"ZSE"
+
 InternalDone = Callable[["ServerConnection", bytes, dict[str, str] | None], None]
 
 
@@ -90,7 +95,7 @@ class ServerConnection(asyncio.Protocol):
         self._internal_error: dict[str, str] | None = None
         self._setup: FrameBuffer | None = FrameBuffer(max_length=1 << 20)
         self._waiter: asyncio.Future[None] | None = None
-        self._relay = MessageRelay(watch=b"ZSE")
+        self._relay = MessageRelay(watch=_FAST_WATCH, count=_FAST_COUNT)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -102,12 +107,41 @@ class ServerConnection(asyncio.Protocol):
             self._setup.feed(data)
             self._wake()
             return
+        relay = self._relay
         try:
-            events = self._relay.feed(data)
+            events = relay.feed(data)
         except ProtocolViolation as exc:
             self.close(f"protocol violation from server: {exc}")
             return
-        self._dispatch(events)
+        if self._internal:
+            self._dispatch(events)
+            return
+        client = self.client
+        if len(events) == 1 and client is not None and type(events[0]) is not Message:
+            client.server_data(events[0])  # the hot path: one run of bytes, nothing to decode
+        else:
+            self._dispatch_fast(events)
+        if relay.counted:
+            self._ready(relay.counted, relay.last_byte)
+
+    def _ready(self, count: int, status: int) -> None:
+        """``count`` ReadyForQuery messages were relayed; the last said ``status``."""
+        self._relay.counted = 0
+        self.tx_status = bytes((status,))
+        self.outstanding -= count
+        if self.outstanding <= 0:
+            self.outstanding = 0
+            if self.client is not None:
+                self.client.server_ready(self, self.tx_status)
+
+    def _dispatch_fast(self, events: list[memoryview | bytes | Message]) -> None:
+        out: list[memoryview | bytes] = []
+        for ev in events:
+            if type(ev) is Message:
+                self._parameter_status(ev.payload)
+            else:
+                out.append(ev)  # type: ignore[arg-type]
+        self._flush(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._mark_closed("server closed the connection" if exc is None else f"server connection lost: {exc}")
@@ -168,6 +202,8 @@ class ServerConnection(asyncio.Protocol):
 
     def _finish_internal(self) -> None:
         done = self._internal.popleft()
+        if not self._internal:
+            self._relay.set_types(watch=_FAST_WATCH, count=_FAST_COUNT)
         error, self._internal_error = self._internal_error, None
         if error is not None:
             log.warning("internal query on server connection failed: %s", error.get("M"))
@@ -177,15 +213,19 @@ class ServerConnection(asyncio.Protocol):
     def send_internal(self, sql: str, done: InternalDone | None = None) -> None:
         """Run ``sql`` for hyperpool itself; its response never reaches a client."""
         assert self.transport is not None
+        if not self._internal:
+            self._relay.set_types(watch=_INTERNAL_WATCH)
         self._internal.append(done)
         self.transport.write(messages.query(sql))
 
     def apply_settings(self, wanted: dict[str, str]) -> None:
         """Pipeline the SET/RESET that give this connection a client's settings."""
+        if wanted == self.applied:
+            return
         sql = set_statements(wanted, self.applied)
         if sql:
             self.send_internal(sql)
-            self.applied = dict(wanted)
+        self.applied = dict(wanted)
 
     @property
     def busy(self) -> bool:

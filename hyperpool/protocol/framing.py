@@ -21,6 +21,7 @@ from enum import IntEnum
 
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
+_HEADER_BI = struct.Struct("!Bi")
 _unpack_len = struct.Struct("!i").unpack_from
 
 # Startup-phase packets are limited like PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
@@ -73,12 +74,26 @@ def read_startup(buf: bytearray) -> StartupPacket | None:
     return StartupPacket(code & 0xFFFFFFFF, body)
 
 
-@dataclass(frozen=True, slots=True)
 class Message:
-    """A typed message: type byte (as int) and payload (without the header)."""
+    """A typed message: type byte (as int) and payload (without the header).
 
-    type: int
-    payload: bytes
+    A plain slotted class, not a dataclass: one is built per watched message on the hot path.
+    """
+
+    __slots__ = ("payload", "type")
+
+    def __init__(self, type: int, payload: bytes) -> None:
+        self.type = type
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Message) and (self.type, self.payload) == (other.type, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Message({chr(self.type)!r}, {self.payload!r})"
 
     @property
     def raw(self) -> bytes:
@@ -132,28 +147,46 @@ class MessageRelay:
     """Scan one direction of a typed message stream for relaying.
 
     ``feed`` returns a list of events in stream order. A ``memoryview`` or
-    ``bytes`` event is a run of bytes to forward unchanged. A :class:`Message`
-    is a message of a *watched* type (its bytes are also inside the preceding
-    forwarded run) or of an *intercepted* type (its bytes are not forwarded;
-    the caller decides). Messages of other types are never copied: their
-    bytes flow through even when they arrive in pieces.
+    ``bytes`` event is a run of bytes to forward unchanged (the fed object
+    itself when all of it is forwarded). A :class:`Message` is a message of a
+    *watched* type (its bytes are also inside the preceding forwarded run) or
+    of an *intercepted* type (its bytes are not forwarded; the caller
+    decides). Messages of *counted* types are forwarded and only counted in
+    ``counted``, with the last byte of the last one in ``last_byte`` (the
+    status of a ReadyForQuery): the hot path builds no object for them.
+    ``tail`` tells whether bytes were forwarded after the last counted
+    message. Messages of other types are never copied: their bytes flow
+    through even when they arrive in pieces.
     """
 
-    __slots__ = ("_body_left", "_partial", "intercept", "max_length", "valid", "watch")
+    __slots__ = ("_body_left", "_partial", "_special", "count", "counted", "intercept", "last_byte",
+                 "max_length", "tail", "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
-                 valid: bytes | None = None) -> None:
-        self.watch = frozenset(watch)
-        self.intercept = frozenset(intercept)
+                 valid: bytes | None = None, count: bytes = b"") -> None:
         self.max_length = max_length
         # When given, any other message type is a protocol violation.
-        self.valid = frozenset(range(256)) if valid is None else frozenset(valid)
+        self.valid = None if valid is None else frozenset(valid)
+        self.set_types(watch=watch, intercept=intercept, count=count)
+        self.counted = 0
+        self.last_byte = 0
+        self.tail = False
         self._body_left = 0  # bytes still to pass through of an unwatched message
         self._partial = bytearray()  # an incomplete header or watched message
 
+    def set_types(self, *, watch: bytes = b"", intercept: bytes = b"", count: bytes = b"") -> None:
+        """Change which types are watched, intercepted or counted (between feeds)."""
+        self.watch = frozenset(watch)
+        self.intercept = frozenset(intercept)
+        self.count = frozenset(count)
+        self._special = self.watch | self.intercept | self.count
+
     def feed(self, data: bytes) -> list[Event]:
-        view = memoryview(data)
         events: list[Event] = []
+        if not self._body_left and not self._partial:
+            self._scan(data, 0, events)  # the common case: a chunk that starts on a message
+            return events
+        view = memoryview(data)
         pos = 0
         end = len(view)
         if self._body_left:
@@ -161,11 +194,12 @@ class MessageRelay:
             self._body_left -= take
             if take:
                 events.append(view[:take])
+                self.tail = True
             pos = take
         if self._partial and pos < end:
             pos = self._complete_partial(view, pos, events)
         if pos < end:
-            self._scan(view, pos, events)
+            self._scan(data, pos, events)
         return events
 
     def _complete_partial(self, view: memoryview, pos: int, events: list[Event]) -> int:
@@ -177,15 +211,15 @@ class MessageRelay:
             pos += min(need, len(view) - pos)
             if len(partial) < 5:
                 return pos
-        msg_type = partial[0]
-        (length,) = _unpack_len(partial, 1)
+        msg_type, length = _HEADER_BI.unpack_from(partial, 0)
         _check_length(msg_type, length, self.max_length)
-        if msg_type not in self.valid:
+        if self.valid is not None and msg_type not in self.valid:
             raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
-        if msg_type not in self.watch and msg_type not in self.intercept:
+        if msg_type not in self._special:
             # Only the header was pending: pass it on and stream the body.
             body_left = length - 4 - (len(partial) - 5)
             events.append(bytes(partial))
+            self.tail = True
             partial.clear()
             take = min(body_left, len(view) - pos)
             if take:
@@ -197,45 +231,71 @@ class MessageRelay:
         partial += view[pos : pos + take]
         pos += take
         if take == need:
-            msg = Message(msg_type, bytes(partial[5:]))
+            raw = bytes(partial)
             partial.clear()
-            if msg_type not in self.intercept:
-                events.append(msg.raw)
-            events.append(msg)
+            self._complete(msg_type, raw, events)
         return pos
 
-    def _scan(self, view: memoryview, pos: int, events: list[Event]) -> None:
-        watch, intercept, max_length, valid = self.watch, self.intercept, self.max_length, self.valid
-        end = len(view)
+    def _complete(self, msg_type: int, raw: bytes, events: list[Event]) -> None:
+        if msg_type in self.count:
+            events.append(raw)
+            self.counted += 1
+            self.last_byte = raw[-1]
+            self.tail = False
+        elif msg_type in self.intercept:
+            events.append(Message(msg_type, raw[5:]))
+        else:
+            events.append(raw)
+            events.append(Message(msg_type, raw[5:]))
+            self.tail = True
+
+    def _scan(self, data: bytes, pos: int, events: list[Event]) -> None:
+        special, max_length, valid = self._special, self.max_length, self.valid
+        end = len(data)
         run_start = pos
-        while pos < end:
-            if end - pos < 5:
-                break
-            msg_type = view[pos]
-            (length,) = _unpack_len(view, pos + 1)
+        tail = self.tail
+        unpack = _HEADER_BI.unpack_from
+        while end - pos >= 5:
+            msg_type, length = unpack(data, pos)
             if length < 4 or length > max_length:
                 _check_length(msg_type, length, max_length)
-            if msg_type not in valid:
+            if valid is not None and msg_type not in valid:
                 raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
             msg_end = pos + 1 + length
-            if msg_type in watch or msg_type in intercept:
+            if msg_type in special:
                 if msg_end > end:
                     break
-                if msg_type in intercept:
+                if msg_type in self.count:
+                    self.counted += 1
+                    self.last_byte = data[msg_end - 1]
+                    tail = False
+                    pos = msg_end
+                    continue
+                if msg_type in self.intercept:
                     if pos > run_start:
-                        events.append(view[run_start:pos])
-                    run_start = msg_end
-                    events.append(Message(msg_type, bytes(view[pos + 5 : msg_end])))
+                        events.append(_slice(data, run_start, pos))
                 else:
-                    events.append(view[run_start:msg_end])
-                    run_start = msg_end
-                    events.append(Message(msg_type, bytes(view[pos + 5 : msg_end])))
+                    events.append(_slice(data, run_start, msg_end))
+                    tail = True
+                run_start = msg_end
+                events.append(Message(msg_type, bytes(data[pos + 5 : msg_end])))
             elif msg_end > end:
                 self._body_left = msg_end - end
                 pos = end
+                tail = True
                 break
+            else:
+                tail = True
             pos = msg_end
+        self.tail = tail
         if pos > run_start:
-            events.append(view[run_start:pos])
+            events.append(_slice(data, run_start, pos))
         if pos < end:
-            self._partial += view[pos:end]
+            self._partial += data[pos:end]
+
+
+def _slice(data: bytes, start: int, stop: int) -> Chunk:
+    """``data[start:stop]`` without copying: the object itself when that is all of it."""
+    if start == 0 and stop == len(data):
+        return data
+    return memoryview(data)[start:stop]
