@@ -43,7 +43,7 @@ def _mock_verifier() -> scram.ScramVerifier:
     return scram.make_verifier(os.urandom(16).hex(), salt=_MOCK_SALT)
 
 
-async def _scram(io: AuthIO, user_name: str, user: UserConfig | None) -> None:
+async def _scram(io: AuthIO, user_name: str, user: UserConfig | None) -> bytes:
     verifier = user.scram if user is not None and user.scram is not None else _mock_verifier()
     server = scram.ScramServer(verifier)
     io.send(messages.authentication_sasl([scram.MECHANISM]))
@@ -59,7 +59,7 @@ async def _scram(io: AuthIO, user_name: str, user: UserConfig | None) -> None:
         raise ClientProtocolError(f"malformed SCRAM message: {exc}") from None
     if user is None:
         raise _failed("password", user_name)
-    io.send(messages.authentication(messages.AUTH_SASL_FINAL, final))
+    return messages.authentication(messages.AUTH_SASL_FINAL, final)
 
 
 async def _md5(io: AuthIO, user_name: str, user: UserConfig | None) -> None:
@@ -96,18 +96,26 @@ async def _cleartext(io: AuthIO, user_name: str, user: UserConfig | None, tls: b
         raise _failed("password", user_name)
 
 
-async def authenticate(io: AuthIO, config: Config, user_name: str, tls: bool) -> None:
-    """Run the configured method; return on success, raise AuthenticationError otherwise."""
+_AUTH_OK = messages.authentication(messages.AUTH_OK)
+
+
+async def authenticate(io: AuthIO, config: Config, user_name: str, tls: bool) -> bytes:
+    """Run the configured method; raise AuthenticationError on failure.
+
+    On success, return the closing messages (AuthenticationSASLFinal where SCRAM was
+    used, then AuthenticationOk) for the caller to send in one write with what follows.
+    """
     user = config.users.get(user_name)
     method = config.auth_type
+    final = b""
     if method == "trust":
         if user is None and config.users:
             raise AuthenticationError(f'role "{user_name}" does not exist', sqlstate="28000")
     elif method == "scram-sha-256" or (method == "md5" and user is not None and user.scram is not None
                                       and user.plaintext is None):
-        await _scram(io, user_name, user)
+        final = await _scram(io, user_name, user)
     elif method == "md5":
         await _md5(io, user_name, user)
     else:
         await _cleartext(io, user_name, user, tls, config)
-    io.send(messages.authentication(messages.AUTH_OK))
+    return final + _AUTH_OK

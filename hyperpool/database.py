@@ -15,6 +15,7 @@ from collections.abc import Callable
 from hyperpool.config import DatabaseConfig
 from hyperpool.errors import UpstreamErrorResponse
 from hyperpool.pool import Pool
+from hyperpool.protocol import messages
 from hyperpool.upstream import TRACKED_REPORTED, ServerConnection, open_server, set_statements
 
 _MAX_VALIDATED = 1024
@@ -25,7 +26,7 @@ class Database:
         self.config = config
         self.pool: Pool[ServerConnection] = Pool(config.name, config.pool, self._connect, clock)
         self.server_params: dict[str, str] | None = None
-        self._validated: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        self._validated: dict[frozenset[tuple[str, str]], tuple[bytes, dict[str, str]]] = {}
         self.clients = 0
 
     async def _connect(self) -> ServerConnection:
@@ -46,26 +47,31 @@ class Database:
                 conn.created_at = float("-inf")  # expires at its next release
         self.pool.resize(config.pool)
 
-    async def prepare_client(self, wanted: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-        """(ParameterStatus values for the client, its settings in the database's canonical form).
+    async def prepare_client(self, wanted: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        """(ParameterStatus messages for the client, its settings in the database's canonical form).
 
-        Raises UpstreamError when the database cannot be reached and UpstreamErrorResponse
-        when the database rejects one of the client's settings.
+        Both are computed once per distinct combination of startup settings. Raises
+        UpstreamError when the database cannot be reached and UpstreamErrorResponse when
+        the database rejects one of the client's settings.
         """
         key = frozenset(wanted.items())
-        canonical = self._validated.get(key)
-        if canonical is None or self.server_params is None:
+        known = self._validated.get(key)
+        if known is None or self.server_params is None:
             canonical = await self._validate(wanted)
+            known = (self._parameter_status(canonical), canonical)
             if len(self._validated) >= _MAX_VALIDATED:
                 self._validated.clear()
-            self._validated[key] = canonical
+            self._validated[key] = known
+        return known[0], dict(known[1])
+
+    def _parameter_status(self, canonical: dict[str, str]) -> bytes:
         assert self.server_params is not None
         shown = dict(self.server_params)
         names = {name.lower(): name for name in shown}
         for key_lower, value in canonical.items():
             if key_lower in TRACKED_REPORTED:
                 shown[names.get(key_lower, key_lower)] = value
-        return shown, canonical
+        return b"".join(messages.parameter_status(k, v) for k, v in shown.items())
 
     async def _validate(self, wanted: dict[str, str]) -> dict[str, str]:
         conn = await self.pool.acquire()

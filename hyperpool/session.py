@@ -41,6 +41,7 @@ _SYNC_TYPES = b"QSF"
 _TERMINATE = ord("X")
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _NOT_SETTINGS = {"user", "database", "options"}
+_READY_IDLE = messages.ready_for_query(b"I")
 
 
 class Phase(Enum):
@@ -233,10 +234,11 @@ class ClientSession(asyncio.Protocol):
                              fatal=True)
         self.state.check_client_limit(None)
         self.wanted = client_settings(params)
-        await auth.authenticate(self, self.state.config, self.user, self.tls)
+        auth_ok = await auth.authenticate(self, self.state.config, self.user, self.tls)
         db_name = params.get("database") or self.user
         database = self.state.databases.get(db_name)
         if database is None:
+            self.send(auth_ok)  # PostgreSQL, too, checks the database after authentication
             raise ProxyError(f'database "{db_name}" does not exist', sqlstate="3D000", fatal=True)
         self.state.check_client_limit(database)
         self.database = database
@@ -244,10 +246,8 @@ class ClientSession(asyncio.Protocol):
         self.pool_mode = database.config.pool.pool_mode
         shown, self.wanted = await database.prepare_client(self.wanted)
         self.key = self.state.register_cancel_key(self)
-        welcome = [messages.parameter_status(k, v) for k, v in shown.items()]
-        welcome.append(messages.backend_key_data(*self.key))
-        welcome.append(messages.ready_for_query(b"I"))
-        self.send(b"".join(welcome))
+        # one write for the end of authentication and the whole welcome
+        self.send(auth_ok + shown + messages.backend_key_data(*self.key) + _READY_IDLE)
 
     def _start_relay(self) -> None:
         if self.phase is not Phase.LOGIN:
