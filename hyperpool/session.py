@@ -42,6 +42,7 @@ _TERMINATE = ord("X")
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _NOT_SETTINGS = {"user", "database", "options"}
 _READY_IDLE = messages.ready_for_query(b"I")
+_ADMIN_SHUTDOWN = PoolError("terminating connection due to administrator command", sqlstate="57P01")
 
 
 class Phase(Enum):
@@ -294,6 +295,9 @@ class ClientSession(asyncio.Protocol):
             return
         server = self.server
         if server is None and self._attach_task is None:
+            if self.state.shutting_down:
+                self.fail(_ADMIN_SHUTDOWN)  # no new transactions once shutdown has begun
+                return
             assert self.database is not None
             server = self.database.pool.try_acquire()  # the hot path: an idle server, no task
             if server is not None:
@@ -340,6 +344,8 @@ class ClientSession(asyncio.Protocol):
             self._detach(server)
             assert self.database is not None
             self.database.pool.release(server)
+            if self.state.shutting_down:
+                self.fail(_ADMIN_SHUTDOWN)
 
     def server_parameter(self, name: str, value: str) -> None:
         self.wanted[name] = value
@@ -430,7 +436,7 @@ class ClientSession(asyncio.Protocol):
         while self.phase is Phase.READY and self.in_transaction:
             await asyncio.sleep(0.05)
         if self.phase is not Phase.CLOSED:
-            self.fail(PoolError("terminating connection due to administrator command", sqlstate="57P01"))
+            self.fail(_ADMIN_SHUTDOWN)
 
     @property
     def in_transaction(self) -> bool:
