@@ -327,7 +327,7 @@ class ClientSession(asyncio.Protocol):
     def _use_server(self, server: ServerConnection) -> None:
         self.server = server
         server.client = self
-        server.apply_settings(self.wanted)
+        server.apply_settings(self, self.wanted)
         if self._queued:
             data, syncs = b"".join(self._queued), self._queued_syncs
             self._queued, self._queued_syncs = [], 0
@@ -427,6 +427,7 @@ class ClientSession(asyncio.Protocol):
                 return
             if steps[0] == "DISCARD ALL":
                 conn.applied = {}
+                conn.dirty_for = None
             self._reset(conn, steps[1:])
 
         server.send_internal(steps[0], done)

@@ -33,8 +33,10 @@ TRACKED_REPORTED = frozenset(
 
 # Relaying for a client, ReadyForQuery is only counted (no object built); while hyperpool's own
 # queries are in flight every ReadyForQuery and ErrorResponse is a boundary to act on.
+# CommandComplete is watched for the tags of commands that change session state.
 _FAST_WATCH, _FAST_COUNT = b"S", b"Z"
-_INTERNAL_WATCH = b"ZSE"
+_INTERNAL_WATCH = b"ZSEC"
+_STATE_TAGS = (b"SET\x00", b"RESET\x00", b"DISCARD")
 
 InternalDone = Callable[["ServerConnection", bytes, dict[str, str] | None], None]
 
@@ -83,6 +85,7 @@ class ServerConnection(asyncio.Protocol):
         self.params: dict[str, str] = {}
         self.startup_params: dict[str, str] = {}
         self.applied: dict[str, str] = {}
+        self.dirty_for: ServerClient | None = None  # the client whose SET/RESET/DISCARD this connection carries
         self.backend_key: tuple[int, int] = (0, 0)
         self.outstanding = 0  # client Query/Sync/FunctionCall not yet answered by ReadyForQuery
         self.tx_status = b"I"
@@ -95,7 +98,7 @@ class ServerConnection(asyncio.Protocol):
         self._internal_error: dict[str, str] | None = None
         self._setup: FrameBuffer | None = FrameBuffer(max_length=1 << 20)
         self._waiter: asyncio.Future[None] | None = None
-        self._relay = MessageRelay(watch=_FAST_WATCH, count=_FAST_COUNT)
+        self._relay = MessageRelay(watch=_FAST_WATCH, count=_FAST_COUNT, flag=b"C", flag_prefixes=_STATE_TAGS)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -113,6 +116,10 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self.close(f"protocol violation from server: {exc}")
             return
+        if relay.flagged:  # CommandComplete of a SET/RESET/DISCARD
+            relay.flagged = False
+            if self.client is not None and not self._internal:
+                self.dirty_for = self.client  # the next client must not inherit it
         if self._internal:
             self._dispatch(events)
             return
@@ -177,7 +184,10 @@ class ServerConnection(asyncio.Protocol):
                         self.client.server_ready(self, self.tx_status)
             elif kind == 83:  # 'S' ParameterStatus
                 self._parameter_status(ev.payload)
-            elif self._internal:  # 'E' during hyperpool's own query
+            elif kind == 67:  # 'C' CommandComplete: only a client's own SET/RESET/DISCARD matters
+                if not self._internal and self.client is not None and ev.payload.startswith(_STATE_TAGS):
+                    self.dirty_for = self.client
+            elif kind == 69 and self._internal:  # 'E' during hyperpool's own query
                 self._internal_error = messages.decode_error_fields(ev.payload)
         self._flush(out)
 
@@ -218,8 +228,17 @@ class ServerConnection(asyncio.Protocol):
         self._internal.append(done)
         self.transport.write(messages.query(sql))
 
-    def apply_settings(self, wanted: dict[str, str]) -> None:
-        """Pipeline the SET/RESET that give this connection a client's settings."""
+    def apply_settings(self, client: ServerClient, wanted: dict[str, str]) -> None:
+        """Pipeline the SET/RESET that give this connection a client's settings.
+
+        A connection on which another client ran SET, RESET or DISCARD is first put back to
+        its login defaults with RESET ALL, so no session setting leaks between clients.
+        """
+        if self.dirty_for is not None and self.dirty_for is not client:
+            self.dirty_for = None
+            self.applied = dict(wanted)
+            self.send_internal(";".join(["RESET ALL", *(f"SET {k} TO {quote_literal(v)}" for k, v in wanted.items())]))
+            return
         if wanted == self.applied:
             return
         sql = set_statements(wanted, self.applied)

@@ -278,3 +278,19 @@ def test_large_result_streams_through(proxy: ProxyRunner) -> None:
         assert row is not None and len(row[0]) == 32 * 200000
         rows = conn.execute("select i, repeat('y', 100) from generate_series(1, 50000) i").fetchall()
         assert len(rows) == 50000 and rows[-1][0] == 50000
+
+
+def test_unreported_set_does_not_leak_to_the_next_client(make_proxy: Callable[..., ProxyRunner]) -> None:
+    proxy = make_proxy(db={"pool_size": 1, "min_pool_size": 1})
+    with psycopg.connect(proxy.dsn(application_name="setter"), autocommit=True) as setter, \
+            psycopg.connect(proxy.dsn(application_name="other"), autocommit=True) as other:
+        defaults = other.execute("select current_setting('search_path'), current_setting('statement_timeout'),"
+                                 " current_user").fetchone()
+        setter.execute("set search_path = pg_catalog")
+        setter.execute("set statement_timeout = '1234ms'")
+        setter.execute(f"set role {OWNER}")
+        assert other.execute("select current_setting('search_path'), current_setting('statement_timeout'),"
+                             " current_user").fetchone() == defaults
+        assert other.execute("show application_name").fetchone() == ("other",)
+        assert setter.execute("show application_name").fetchone() == ("setter",)
+    assert proxy.state.databases[APPDB].pool.stats.opened == 1

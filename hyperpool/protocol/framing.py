@@ -159,12 +159,17 @@ class MessageRelay:
     through even when they arrive in pieces.
     """
 
-    __slots__ = ("_body_left", "_partial", "_special", "count", "counted", "intercept", "last_byte",
-                 "max_length", "tail", "valid", "watch")
+    __slots__ = ("_body_left", "_partial", "_special", "count", "counted", "flag_prefixes", "flag_types",
+                 "flagged", "intercept", "last_byte", "max_length", "tail", "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
-                 valid: bytes | None = None, count: bytes = b"") -> None:
+                 valid: bytes | None = None, count: bytes = b"", flag: bytes = b"",
+                 flag_prefixes: tuple[bytes, ...] = ()) -> None:
         self.max_length = max_length
+        # Messages of a flag type whose payload starts with one of flag_prefixes set ``flagged``.
+        self.flag_types = frozenset(flag)
+        self.flag_prefixes = flag_prefixes
+        self.flagged = False
         # When given, any other message type is a protocol violation.
         self.valid = None if valid is None else frozenset(valid)
         self.set_types(watch=watch, intercept=intercept, count=count)
@@ -179,7 +184,7 @@ class MessageRelay:
         self.watch = frozenset(watch)
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
-        self._special = self.watch | self.intercept | self.count
+        self._special = self.watch | self.intercept | self.count | self.flag_types
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -237,7 +242,12 @@ class MessageRelay:
         return pos
 
     def _complete(self, msg_type: int, raw: bytes, events: list[Event]) -> None:
-        if msg_type in self.count:
+        if msg_type in self.flag_types and msg_type not in self.watch:
+            events.append(raw)
+            self.tail = True
+            if raw.startswith(self.flag_prefixes, 5):
+                self.flagged = True
+        elif msg_type in self.count:
             events.append(raw)
             self.counted += 1
             self.last_byte = raw[-1]
@@ -269,6 +279,12 @@ class MessageRelay:
                     self.counted += 1
                     self.last_byte = data[msg_end - 1]
                     tail = False
+                    pos = msg_end
+                    continue
+                if msg_type in self.flag_types and msg_type not in self.watch:
+                    if data.startswith(self.flag_prefixes, pos + 5):
+                        self.flagged = True
+                    tail = True
                     pos = msg_end
                     continue
                 if msg_type in self.intercept:
