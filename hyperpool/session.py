@@ -109,6 +109,7 @@ class ClientSession(asyncio.Protocol):
         self._queued_syncs = 0
         self._unsynced = False  # bytes went to the server after the last Query/Sync
         self._server_reading_paused = False
+        self._client_reading_paused = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -359,10 +360,12 @@ class ClientSession(asyncio.Protocol):
     def server_pause_writing(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()
+            self._client_reading_paused = True
 
     def server_resume_writing(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and self._client_reading_paused:
             self.transport.resume_reading()
+        self._client_reading_paused = False
 
     def _detach(self, server: ServerConnection) -> None:
         server.client = None
@@ -370,8 +373,8 @@ class ClientSession(asyncio.Protocol):
         if self._server_reading_paused and server.transport is not None:
             server.transport.resume_reading()
         self._server_reading_paused = False
-        if self.transport is not None:
-            self.transport.resume_reading()
+        if self._client_reading_paused:
+            self.server_resume_writing()
 
     # --- ending -------------------------------------------------------------------------
 
