@@ -34,17 +34,18 @@ class Database:
 
     def reconfigure(self, config: DatabaseConfig) -> None:
         """Apply a reloaded config; an origin change retires the old connections as they come back."""
+        old = self.config
         origin_changed = (config.host, config.port, config.dbname, config.user, config.password,
-                          config.sslmode) != (self.config.host, self.config.port, self.config.dbname,
-                                              self.config.user, self.config.password, self.config.sslmode)
+                          config.sslmode, config.sslrootcert, config.connect_options) != (
+                          old.host, old.port, old.dbname, old.user, old.password,
+                          old.sslmode, old.sslrootcert, old.connect_options)
         self.config = config
         if origin_changed:
             self.server_params = None
             self._validated.clear()
+            self.pool.generation += 1  # connections to the old origin are closed as they come back
             for conn in list(self.pool.idle):
                 self.pool.discard(conn, "origin changed by reload")
-            for conn in list(self.pool.active):
-                conn.created_at = float("-inf")  # expires at its next release
         self.pool.resize(config.pool)
 
     async def prepare_client(self, wanted: dict[str, str]) -> tuple[bytes, dict[str, str]]:

@@ -25,6 +25,7 @@ class Pooled(Protocol):
     """What the pool needs from a connection."""
 
     closed: bool
+    generation: int
     created_at: float
     last_used: float
     on_close: Callable[..., None] | None
@@ -59,6 +60,7 @@ class Pool(Generic[C]):
         self.stats = PoolStats()
         self.paused = False
         self.closed = False
+        self.generation = 0  # bumped when the origin changes; older connections are not reused
         self._last_failure: tuple[float, ProxyError] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -79,6 +81,13 @@ class Pool(Generic[C]):
 
     async def acquire(self) -> C:
         """A connection for the caller's exclusive use, waiting FIFO up to query_wait_timeout."""
+        while True:
+            conn = await self._acquire_once()
+            if not conn.closed:
+                return conn
+            self.discard(conn, "died while being handed over")  # and wait again
+
+    async def _acquire_once(self) -> C:
         if self.closed:
             raise PoolError(f"database {self.name} is shutting down", sqlstate="57P01")
         conn = self.try_acquire()
@@ -93,7 +102,6 @@ class Pool(Generic[C]):
             async with asyncio.timeout(self.settings.query_wait_timeout or None):
                 conn = await waiter
                 claimed = True
-                return conn
         except TimeoutError:
             self.stats.wait_timeouts += 1
             raise PoolError("query_wait_timeout", sqlstate="08P01",
@@ -104,11 +112,12 @@ class Pool(Generic[C]):
                 self.waiters.remove(waiter)
             if not claimed and waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release(waiter.result())  # handed over, but the waiter gave up: pass it on
+        return conn
 
     def _take_idle(self) -> C | None:
         while self.idle:
             conn = self.idle[-1]  # LIFO: the warmest connection first
-            if not conn.closed and not self._expired(conn):
+            if not conn.closed and not self._expired(conn) and conn.generation == self.generation:
                 return self.idle.pop()
             self._retire(conn, "server_lifetime" if not conn.closed else "closed while idle")
         return None
@@ -143,6 +152,8 @@ class Pool(Generic[C]):
             return "pool closed"
         if self._expired(conn):
             return "server_lifetime"
+        if conn.generation != self.generation:
+            return "origin changed"
         if self.size > self.settings.pool_size:
             return "pool resized"
         return ""
@@ -184,14 +195,14 @@ class Pool(Generic[C]):
         room = self.settings.pool_size - self.size
         for _ in range(min(wanted, room)):
             self.connecting += 1  # counted now, not when the task first runs
-            self._spawn(self._open_one())
+            self._spawn(self._open_one(self.generation))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _open_one(self) -> None:
+    async def _open_one(self, generation: int) -> None:
         try:
             conn = await self._open_or_fail_fast()
         except ProxyError as exc:
@@ -200,6 +211,7 @@ class Pool(Generic[C]):
         finally:
             self.connecting -= 1
         self.stats.opened += 1
+        conn.generation = generation
         conn.on_close = self.connection_closed
         self.active.add(conn)  # release() moves it to a waiter or to idle
         self.release(conn)

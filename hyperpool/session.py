@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from enum import Enum
 from typing import TYPE_CHECKING, cast
 
@@ -39,6 +40,8 @@ FRONTEND_TYPES = b"BCdcfDEHFPpQSX"
 # Messages that the server answers with ReadyForQuery: Query, Sync, FunctionCall.
 _SYNC_TYPES = b"QSF"
 _TERMINATE = ord("X")
+# CopyDone / CopyFail end the bytes a COPY FROM STDIN sends after its Query or Sync.
+_COPY_END = b"cf"
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _NOT_SETTINGS = {"user", "database", "options"}
 _READY_IDLE = messages.ready_for_query(b"I")
@@ -110,6 +113,7 @@ class ClientSession(asyncio.Protocol):
         self._unsynced = False  # bytes went to the server after the last Query/Sync
         self._server_reading_paused = False
         self._client_reading_paused = False
+        self._writing_paused = False  # the client's transport buffer is over its high-water mark
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -130,14 +134,21 @@ class ClientSession(asyncio.Protocol):
         self._closed()
 
     def pause_writing(self) -> None:
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
-            self._server_reading_paused = True
+        self._writing_paused = True
+        self._pause_server()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self.server is not None and self.server.transport is not None and self._server_reading_paused:
             self.server.transport.resume_reading()
         self._server_reading_paused = False
+
+    def _pause_server(self) -> None:
+        """Stop reading from the server while the client is not keeping up (backpressure)."""
+        server = self.server
+        if server is not None and server.transport is not None and not self._server_reading_paused:
+            server.transport.pause_reading()
+            self._server_reading_paused = True
 
     # --- login --------------------------------------------------------------------------
 
@@ -179,6 +190,9 @@ class ClientSession(asyncio.Protocol):
             self._start_relay()
         except TimeoutError:
             self.fail(ClientProtocolError("client login timeout", sqlstate="08006"))
+        except (ssl.SSLError, ConnectionError) as exc:
+            log.info("client connection failed during login: %s", exc)
+            self._close_transport()  # nothing readable can be sent on a broken TLS stream
         except ProxyError as exc:
             self.fail(exc)
         except asyncio.CancelledError:
@@ -235,8 +249,8 @@ class ClientSession(asyncio.Protocol):
             raise ProxyError("no PostgreSQL user name specified in startup packet", sqlstate="28000",
                              fatal=True)
         self.state.check_client_limit(None)
-        self.wanted = client_settings(params)
         auth_ok = await auth.authenticate(self, self.state.config, self.user, self.tls)
+        self.wanted = client_settings(params)  # checked after authentication, as PostgreSQL does
         db_name = params.get("database") or self.user
         database = self.state.databases.get(db_name)
         if database is None:
@@ -255,7 +269,7 @@ class ClientSession(asyncio.Protocol):
         if self.phase is not Phase.LOGIN:
             return
         self.phase = Phase.READY
-        self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]),
+        self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END,
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES)
         rest = self._setup.take_rest()
         if rest:
@@ -328,6 +342,8 @@ class ClientSession(asyncio.Protocol):
     def _use_server(self, server: ServerConnection) -> None:
         self.server = server
         server.client = self
+        if self._writing_paused:
+            self._pause_server()
         server.apply_settings(self, self.wanted)
         if self._queued:
             data, syncs = b"".join(self._queued), self._queued_syncs
@@ -342,11 +358,19 @@ class ClientSession(asyncio.Protocol):
 
     def server_ready(self, server: ServerConnection, status: bytes) -> None:
         if self.pool_mode == "transaction" and status == b"I" and not self._unsynced:
-            self._detach(server)
-            assert self.database is not None
-            self.database.pool.release(server)
-            if self.state.shutting_down:
-                self.fail(_ADMIN_SHUTDOWN)
+            if server.cancels_in_flight:
+                server.after_cancels(lambda: self._release_if_idle(server))
+            else:
+                self._release_if_idle(server)
+
+    def _release_if_idle(self, server: ServerConnection) -> None:
+        if self.server is not server or server.busy or self._unsynced or server.tx_status != b"I":
+            return  # the client went on (or left) meanwhile; that path decides
+        self._detach(server)
+        assert self.database is not None
+        self.database.pool.release(server)
+        if self.state.shutting_down:
+            self.fail(_ADMIN_SHUTDOWN)
 
     def server_parameter(self, name: str, value: str) -> None:
         self.wanted[name] = value
@@ -410,7 +434,10 @@ class ClientSession(asyncio.Protocol):
         """Give a server back after the client left: clean it, or close it if it is mid-query."""
         assert self.database is not None
         pool = self.database.pool
-        if server.closed or server.busy or self._unsynced:
+        if self._server_reading_paused and server.transport is not None and not server.closed:
+            server.transport.resume_reading()  # or the reset's answer would never be read
+        self._server_reading_paused = False
+        if server.closed or server.busy or self._unsynced or server.cancels_in_flight:
             pool.discard(server, "client disconnected mid-query")
             return
         steps = (["ROLLBACK"] if server.tx_status != b"I" else []) + \
@@ -451,4 +478,13 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         if server is None or not (server.busy or self._unsynced):
             return
-        self.state.spawn(send_cancel(server.db.host, server.db.port, server.cancel_request()))
+        # Until PostgreSQL has taken the cancel, the server stays with this client, so the
+        # signal can never hit another client's query (see server_ready).
+        server.cancel_started()
+        self.state.spawn(self._deliver_cancel(server))
+
+    async def _deliver_cancel(self, server: ServerConnection) -> None:
+        try:
+            await send_cancel(server.db.host, server.db.port, server.cancel_request())
+        finally:
+            server.cancel_finished()

@@ -37,6 +37,8 @@ TRACKED_REPORTED = frozenset(
 _FAST_WATCH, _FAST_COUNT = b"S", b"Z"
 _INTERNAL_WATCH = b"ZSEC"
 _STATE_TAGS = (b"SET\x00", b"RESET\x00", b"DISCARD")
+# What puts a connection back to its login state (RESET ALL leaves the role alone).
+_RESET_SESSION = ("RESET ROLE", "RESET SESSION AUTHORIZATION", "RESET ALL")
 
 InternalDone = Callable[["ServerConnection", bytes, dict[str, str] | None], None]
 
@@ -50,6 +52,12 @@ class ServerClient(Protocol):
     def server_lost(self, server: ServerConnection, reason: str) -> None: ...
     def server_pause_writing(self) -> None: ...
     def server_resume_writing(self) -> None: ...
+
+
+def _settings_applied(conn: ServerConnection, status: bytes, error: dict[str, str] | None) -> None:
+    """A client's settings could not be applied (e.g. a cancel hit the SET): never run its query without them."""
+    if error is not None:
+        conn.close(f"applying client settings failed: {error.get('M', '')}")
 
 
 def quote_literal(value: str) -> str:
@@ -86,6 +94,9 @@ class ServerConnection(asyncio.Protocol):
         self.startup_params: dict[str, str] = {}
         self.applied: dict[str, str] = {}
         self.dirty_for: ServerClient | None = None  # the client whose SET/RESET/DISCARD this connection carries
+        self.generation = 0  # the pool's origin generation it was opened for
+        self.cancels_in_flight = 0
+        self._after_cancels: list[Callable[[], None]] = []
         self.backend_key: tuple[int, int] = (0, 0)
         self.outstanding = 0  # client Query/Sync/FunctionCall not yet answered by ReadyForQuery
         self.tx_status = b"I"
@@ -222,11 +233,21 @@ class ServerConnection(asyncio.Protocol):
 
     def send_internal(self, sql: str, done: InternalDone | None = None) -> None:
         """Run ``sql`` for hyperpool itself; its response never reaches a client."""
-        assert self.transport is not None
+        if not self._writable():
+            if done is not None:
+                done(self, b"", {"S": "FATAL", "C": "08006", "M": "server connection closed"})
+            return
         if not self._internal:
             self._relay.set_types(watch=_INTERNAL_WATCH)
         self._internal.append(done)
-        self.transport.write(messages.query(sql))
+        self.transport.write(messages.query(sql))  # type: ignore[union-attr]
+
+    def _writable(self) -> bool:
+        """False (and the connection marked closed) when the socket is already going away."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            self._mark_closed(self.close_reason or "server connection closed")
+            return False
+        return True
 
     def apply_settings(self, client: ServerClient, wanted: dict[str, str]) -> None:
         """Pipeline the SET/RESET that give this connection a client's settings.
@@ -236,14 +257,15 @@ class ServerConnection(asyncio.Protocol):
         """
         if self.dirty_for is not None and self.dirty_for is not client:
             self.dirty_for = None
+            sets = [f"SET {k} TO {quote_literal(v)}" for k, v in wanted.items()]
             self.applied = dict(wanted)
-            self.send_internal(";".join(["RESET ALL", *(f"SET {k} TO {quote_literal(v)}" for k, v in wanted.items())]))
+            self.send_internal(";".join([*_RESET_SESSION, *sets]), _settings_applied)
             return
         if wanted == self.applied:
             return
         sql = set_statements(wanted, self.applied)
         if sql:
-            self.send_internal(sql)
+            self.send_internal(sql, _settings_applied)
         self.applied = dict(wanted)
 
     @property
@@ -251,9 +273,30 @@ class ServerConnection(asyncio.Protocol):
         return bool(self._internal) or self.outstanding > 0
 
     def write(self, data: bytes | memoryview, syncs: int) -> None:
-        assert self.transport is not None
+        if not self._writable():
+            return
         self.outstanding += syncs
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    # --- cancel requests ----------------------------------------------------------------
+
+    def cancel_started(self) -> None:
+        self.cancels_in_flight += 1
+
+    def cancel_finished(self) -> None:
+        self.cancels_in_flight -= 1
+        if self.cancels_in_flight <= 0:
+            self.cancels_in_flight = 0
+            callbacks, self._after_cancels = self._after_cancels, []
+            for callback in callbacks:
+                callback()
+
+    def after_cancels(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once no cancel request for this connection is on its way."""
+        if self.cancels_in_flight:
+            self._after_cancels.append(callback)
+        else:
+            callback()
 
     def cancel_request(self) -> bytes:
         return messages.cancel_request(*self.backend_key)
@@ -412,7 +455,7 @@ async def open_server(db: DatabaseConfig, timeout: float) -> ServerConnection:
             _, conn = await loop.create_connection(lambda: ServerConnection(db), db.host, db.port)
             await conn.login()
         return conn
-    except UpstreamError:
+    except (UpstreamError, asyncio.CancelledError):
         if conn is not None:
             conn.close("login failed")
         raise
@@ -427,9 +470,10 @@ async def send_cancel(host: str, port: int, request: bytes) -> None:
     """Deliver a CancelRequest on a fresh connection, as PostgreSQL expects."""
     try:
         async with asyncio.timeout(5):
-            _, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port)
             writer.write(request)
             await writer.drain()
+            await reader.read(1)  # PostgreSQL closes once it has signalled the backend
             writer.close()
     except (OSError, TimeoutError) as exc:
         log.warning("could not deliver cancel request to %s:%s: %s", host, port, exc)

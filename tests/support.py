@@ -135,12 +135,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class KeyedSocket(socket.socket):
+    """A client socket that remembers the BackendKeyData it was given."""
+
+    backend_key = b""
+
+
 def raw_login(port: int, user: str = APP_USER, password: str = APP_PASSWORD, dbname: str = APPDB,
-              **params: str) -> socket.socket:
+              rcvbuf: int = 0, **params: str) -> KeyedSocket:
     """A socket logged in to hyperpool with SCRAM, positioned after the first ReadyForQuery."""
     from hyperpool.protocol import scram
 
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = KeyedSocket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
     sock.sendall(startup_packet({"user": user, "database": dbname, **params}))
     read_messages(sock, until=b"R")
     client = scram.ScramClient(password)
@@ -154,7 +164,12 @@ def raw_login(port: int, user: str = APP_USER, password: str = APP_PASSWORD, dbn
     msgs = read_messages(sock, until=b"ZE")
     if msgs[-1][0] != b"Z":
         raise AssertionError(f"login failed: {msgs[-1]}")
+    sock.backend_key = next(p for k, p in msgs if k == b"K")
     return sock
+
+
+def message(type_byte: bytes, body: bytes = b"") -> bytes:
+    return type_byte + struct.pack("!i", len(body) + 4) + body
 
 
 def query_msg(sql: str) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,18 @@ import psycopg
 import pytest
 
 from hyperpool.embedded import EmbeddedPostgres
-from tests.support import APP_PASSWORD, APP_USER, APPDB, OWNER, ProxyRunner, query_msg, raw_login, read_messages
+from tests.support import (
+    APP_PASSWORD,
+    APP_USER,
+    APPDB,
+    OWNER,
+    ProxyRunner,
+    error_code,
+    message,
+    query_msg,
+    raw_login,
+    read_messages,
+)
 
 TIMEZONES = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Australia/Sydney"]
 
@@ -280,7 +292,10 @@ def test_large_result_streams_through(proxy: ProxyRunner) -> None:
         assert len(rows) == 50000 and rows[-1][0] == 50000
 
 
-def test_unreported_set_does_not_leak_to_the_next_client(make_proxy: Callable[..., ProxyRunner]) -> None:
+def test_unreported_set_does_not_leak_to_the_next_client(make_proxy: Callable[..., ProxyRunner],
+                                                         pg: EmbeddedPostgres) -> None:
+    pg.execute(f"do $$ begin create role hp_other_role; exception when duplicate_object then null; end $$;"
+               f" grant hp_other_role to {OWNER}")
     proxy = make_proxy(db={"pool_size": 1, "min_pool_size": 1})
     with psycopg.connect(proxy.dsn(application_name="setter"), autocommit=True) as setter, \
             psycopg.connect(proxy.dsn(application_name="other"), autocommit=True) as other:
@@ -288,9 +303,59 @@ def test_unreported_set_does_not_leak_to_the_next_client(make_proxy: Callable[..
                                  " current_user").fetchone()
         setter.execute("set search_path = pg_catalog")
         setter.execute("set statement_timeout = '1234ms'")
-        setter.execute(f"set role {OWNER}")
+        setter.execute("set role hp_other_role")
         assert other.execute("select current_setting('search_path'), current_setting('statement_timeout'),"
                              " current_user").fetchone() == defaults
         assert other.execute("show application_name").fetchone() == ("other",)
         assert setter.execute("show application_name").fetchone() == ("setter",)
     assert proxy.state.databases[APPDB].pool.stats.opened == 1
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_slow_reader_leaving_mid_transaction_frees_its_server(make_proxy: Callable[..., ProxyRunner],
+                                                              mode: str) -> None:
+    """A client that stops reading (backpressure pauses its server) and then leaves must not pin the server."""
+    proxy = make_proxy(query_wait_timeout=5, pool_mode=mode, db={"pool_size": 1, "min_pool_size": 0})
+    sock = raw_login(proxy.port, rcvbuf=4096)
+    sock.sendall(query_msg(("begin; " if mode == "transaction" else "") + "select repeat('x', 3000000)"))
+    time.sleep(0.7)  # the result fills the client's buffers; hyperpool pauses reading from the server
+    sock.close()
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 'next'").fetchone() == ("next",)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_copy_from_stdin_releases_the_server(make_proxy: Callable[..., ProxyRunner], items_table: str) -> None:
+    proxy = make_proxy(query_wait_timeout=3, db={"pool_size": 1, "min_pool_size": 0})
+    with raw_login(proxy.port) as copier:
+        copier.sendall(query_msg("copy items (client, n) from stdin"))
+        assert [k for k, _ in read_messages(copier, until=b"G")] == [b"G"]
+        copier.sendall(message(b"d", b"-9\t1\n") + message(b"c"))
+        assert [k for k, _ in read_messages(copier, until=b"Z")] == [b"C", b"Z"]
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:  # gets the only server connection
+            assert other.execute("select count(*) from items where client = -9").fetchone() == (1,)
+    pool = proxy.state.databases[APPDB].pool
+    assert pool.stats.closed == 0  # reused, never closed as "mid-query"
+
+
+def test_cancel_never_reaches_the_next_client(make_proxy: Callable[..., ProxyRunner]) -> None:
+    """A cancel racing the end of A's query must not cancel B's query on the same server connection."""
+    proxy = make_proxy(db={"pool_size": 1, "min_pool_size": 0})
+    hits = []
+    for delta_ms in (-2, -1, 0, 0.5, 1, 2, 3, 5):
+        a, b = raw_login(proxy.port), raw_login(proxy.port)
+        a.sendall(query_msg("select pg_sleep(0.2)"))
+        started = time.perf_counter()
+        time.sleep(0.02)
+        b.sendall(query_msg("select 'B', pg_sleep(0.3)"))  # waits for A's server connection
+        while time.perf_counter() < started + 0.2 - delta_ms / 1000:
+            pass
+        with socket.create_connection(("127.0.0.1", proxy.port)) as c:
+            c.sendall(struct.pack("!ii", 16, 80877102) + a.backend_key)
+        read_messages(a, until=b"Z")
+        b_errors = [error_code(p) for k, p in read_messages(b, until=b"Z") if k == b"E"]
+        if b_errors:
+            hits.append((delta_ms, b_errors))
+        a.close()
+        b.close()
+    assert hits == []

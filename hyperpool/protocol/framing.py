@@ -154,18 +154,21 @@ class MessageRelay:
     decides). Messages of *counted* types are forwarded and only counted in
     ``counted``, with the last byte of the last one in ``last_byte`` (the
     status of a ReadyForQuery): the hot path builds no object for them.
-    ``tail`` tells whether bytes were forwarded after the last counted
-    message. Messages of other types are never copied: their bytes flow
+    ``tail`` tells whether bytes were forwarded after the last counted (or
+    *settle*) message; *flag* types only set ``flagged`` when their payload
+    starts with one of ``flag_prefixes``. Messages of other types are never copied: their bytes flow
     through even when they arrive in pieces.
     """
 
     __slots__ = ("_body_left", "_partial", "_special", "count", "counted", "flag_prefixes", "flag_types",
-                 "flagged", "intercept", "last_byte", "max_length", "tail", "valid", "watch")
+                 "flagged", "intercept", "last_byte", "max_length", "settle", "tail", "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
                  valid: bytes | None = None, count: bytes = b"", flag: bytes = b"",
-                 flag_prefixes: tuple[bytes, ...] = ()) -> None:
+                 flag_prefixes: tuple[bytes, ...] = (), settle: bytes = b"") -> None:
         self.max_length = max_length
+        # Messages of a settle type are forwarded and clear ``tail`` without being counted.
+        self.settle = frozenset(settle)
         # Messages of a flag type whose payload starts with one of flag_prefixes set ``flagged``.
         self.flag_types = frozenset(flag)
         self.flag_prefixes = flag_prefixes
@@ -184,7 +187,7 @@ class MessageRelay:
         self.watch = frozenset(watch)
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
-        self._special = self.watch | self.intercept | self.count | self.flag_types
+        self._special = self.watch | self.intercept | self.count | self.flag_types | self.settle
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -242,7 +245,10 @@ class MessageRelay:
         return pos
 
     def _complete(self, msg_type: int, raw: bytes, events: list[Event]) -> None:
-        if msg_type in self.flag_types and msg_type not in self.watch:
+        if msg_type in self.settle:
+            events.append(raw)
+            self.tail = False
+        elif msg_type in self.flag_types and msg_type not in self.watch:
             events.append(raw)
             self.tail = True
             if raw.startswith(self.flag_prefixes, 5):
@@ -278,6 +284,10 @@ class MessageRelay:
                 if msg_type in self.count:
                     self.counted += 1
                     self.last_byte = data[msg_end - 1]
+                    tail = False
+                    pos = msg_end
+                    continue
+                if msg_type in self.settle:
                     tail = False
                     pos = msg_end
                     continue
