@@ -46,7 +46,12 @@ def _run_server(config: Config, config_path: str | None) -> int:
 
     _setup_logging(config.log_level)
     server = Server(config, config_path)
-    uvloop.run(server.run())
+    try:
+        uvloop.run(server.run())
+    except OSError as exc:  # e.g. the listen port is taken
+        print(f"hyperpool: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -118,6 +123,9 @@ def cmd_demo(port: int) -> int:
         return 0
     except EmbeddedPostgresError as exc:
         print(f"hyperpool demo: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"hyperpool demo: cannot listen on 127.0.0.1:{port}: {exc.strerror} (try --port 0)", file=sys.stderr)
         return 1
     finally:
         pg.cleanup()

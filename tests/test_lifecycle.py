@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,3 +150,26 @@ def test_check_config_and_passwd_commands(tmp_path: Path) -> None:
                         capture_output=True, text=True, timeout=30)
     assert pw.returncode == 0 and pw.stdout.startswith('"bob": {password: "SCRAM-SHA-256$4096:')
     assert "s3cret" not in pw.stdout
+
+
+def test_demo_runs_and_cleans_up() -> None:
+    before = set(Path(tempfile.gettempdir()).glob("hyperpool-pg-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpool", "demo", "--port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = ""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while not url and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "demo exited early"
+            if "postgresql://" in line:
+                url = line.strip().split('"')[1]
+        out = subprocess.run(["psql", "-X", "-A", "-t", "-c", "select current_database()", url],
+                             capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "appdb", out.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert set(Path(tempfile.gettempdir()).glob("hyperpool-pg-*")) - before == set()  # its cluster is gone
