@@ -8,16 +8,13 @@ from typing import Any
 import pytest
 
 from hyperpool.embedded import EmbeddedPostgres
-from tests.support import APPDB, OWNER, OWNER_PASSWORD, ProxyRunner, base_config, start_proxy
+from tests.support import ProxyRunner, base_config, start_proxy, start_test_pg
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(settings={"max_connections": "200"})
-    server.start()
+    server = start_test_pg(max_connections="200")
     try:
-        server.create_user(OWNER, OWNER_PASSWORD)
-        server.create_database(APPDB, OWNER)
         yield server
     finally:
         server.cleanup()

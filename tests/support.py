@@ -13,6 +13,7 @@ from typing import Any
 import uvloop
 
 from hyperpool.config import Config, parse_config
+from hyperpool.embedded import EmbeddedPostgres
 from hyperpool.server import Server
 
 APP_USER = "app"
@@ -175,3 +176,16 @@ def message(type_byte: bytes, body: bytes = b"") -> bytes:
 def query_msg(sql: str) -> bytes:
     body = sql.encode() + b"\0"
     return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+def start_test_pg(**settings: str) -> EmbeddedPostgres:
+    """A started throwaway PostgreSQL with the origin user and database the tests use."""
+    server = EmbeddedPostgres(settings=dict(settings))
+    server.start()
+    try:
+        server.create_user(OWNER, OWNER_PASSWORD)
+        server.create_database(APPDB, OWNER)
+    except BaseException:
+        server.cleanup()
+        raise
+    return server

@@ -17,8 +17,6 @@ from tests.support import (
     APP_PASSWORD,
     APP_USER,
     APPDB,
-    OWNER,
-    OWNER_PASSWORD,
     ProxyRunner,
     base_config,
     error_code,
@@ -26,6 +24,7 @@ from tests.support import (
     raw_login,
     read_messages,
     start_proxy,
+    start_test_pg,
     startup_packet,
 )
 
@@ -165,11 +164,8 @@ def test_tls_with_psql_and_psycopg(make_proxy: Callable[..., ProxyRunner], tls_f
 
 @pytest.fixture
 def own_pg() -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres()
-    server.start()
+    server = start_test_pg()
     try:
-        server.create_user(OWNER, OWNER_PASSWORD)
-        server.create_database(APPDB, OWNER)
         yield server
     finally:
         server.cleanup()
