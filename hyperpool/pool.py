@@ -115,10 +115,13 @@ class Pool(Generic[C]):
         return conn
 
     def _take_idle(self) -> C | None:
-        while self.idle:
-            conn = self.idle[-1]  # LIFO: the warmest connection first
-            if not conn.closed and not self._expired(conn) and conn.generation == self.generation:
-                return self.idle.pop()
+        idle = self.idle
+        lifetime = self.settings.server_lifetime
+        while idle:
+            conn = idle[-1]  # LIFO: the warmest connection first
+            if not conn.closed and conn.generation == self.generation and not (
+                    lifetime and self._clock() - conn.created_at > lifetime):
+                return idle.pop()
             self._retire(conn, "server_lifetime" if not conn.closed else "closed while idle")
         return None
 
@@ -128,13 +131,16 @@ class Pool(Generic[C]):
             if not conn.closed:
                 conn.close("released twice")
             return
-        reason = self._unfit(conn)
-        if reason:
-            self._retire(conn, reason)
+        now = self._clock()
+        lifetime = self.settings.server_lifetime
+        if (conn.closed or self.closed or conn.generation != self.generation
+                or (lifetime and now - conn.created_at > lifetime)
+                or len(self.idle) + len(self.active) + self.connecting > self.settings.pool_size):
+            self._retire(conn, self._unfit(conn))
             self._grow()
             return
         self.active.discard(conn)
-        conn.last_used = self._clock()
+        conn.last_used = now
         if not self.paused:
             while self.waiters:
                 waiter = self.waiters.popleft()

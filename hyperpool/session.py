@@ -357,11 +357,15 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(data)
 
     def server_ready(self, server: ServerConnection, status: bytes) -> None:
-        if self.pool_mode == "transaction" and status == b"I" and not self._unsynced:
-            if server.cancels_in_flight:
-                server.after_cancels(lambda: self._release_if_idle(server))
-            else:
-                self._release_if_idle(server)
+        if status != b"I" or self._unsynced or self.pool_mode != "transaction":
+            return
+        if server.cancels_in_flight:
+            server.after_cancels(lambda: self._release_if_idle(server))
+        elif self.server is server and not server.busy:  # the common case, inline
+            self._detach(server)
+            self.database.pool.release(server)  # type: ignore[union-attr]
+            if self.state.shutting_down:
+                self.fail(_ADMIN_SHUTDOWN)
 
     def _release_if_idle(self, server: ServerConnection) -> None:
         if self.server is not server or server.busy or self._unsynced or server.tx_status != b"I":
@@ -394,9 +398,10 @@ class ClientSession(asyncio.Protocol):
     def _detach(self, server: ServerConnection) -> None:
         server.client = None
         self.server = None
-        if self._server_reading_paused and server.transport is not None:
-            server.transport.resume_reading()
-        self._server_reading_paused = False
+        if self._server_reading_paused:
+            if server.transport is not None:
+                server.transport.resume_reading()
+            self._server_reading_paused = False
         if self._client_reading_paused:
             self.server_resume_writing()
 

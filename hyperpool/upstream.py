@@ -36,6 +36,7 @@ TRACKED_REPORTED = frozenset(
 # CommandComplete is watched for the tags of commands that change session state.
 _FAST_WATCH, _FAST_COUNT = b"S", b"Z"
 _INTERNAL_WATCH = b"ZSEC"
+_STATUS = tuple(bytes((i,)) for i in range(256))  # ReadyForQuery status byte -> bytes, without allocating
 _STATE_TAGS = (b"SET\x00", b"RESET\x00", b"DISCARD")
 # What puts a connection back to its login state (RESET ALL leaves the role alone).
 _RESET_SESSION = ("RESET ROLE", "RESET SESSION AUTHORIZATION", "RESET ALL")
@@ -139,18 +140,16 @@ class ServerConnection(asyncio.Protocol):
             client.server_data(events[0])  # the hot path: one run of bytes, nothing to decode
         else:
             self._dispatch_fast(events)
-        if relay.counted:
-            self._ready(relay.counted, relay.last_byte)
-
-    def _ready(self, count: int, status: int) -> None:
-        """``count`` ReadyForQuery messages were relayed; the last said ``status``."""
-        self._relay.counted = 0
-        self.tx_status = bytes((status,))
-        self.outstanding -= count
-        if self.outstanding <= 0:
-            self.outstanding = 0
-            if self.client is not None:
-                self.client.server_ready(self, self.tx_status)
+        count = relay.counted
+        if count:  # ReadyForQuery messages were relayed; the last one's status is last_byte
+            relay.counted = 0
+            self.tx_status = _STATUS[relay.last_byte]
+            self.outstanding -= count
+            if self.outstanding <= 0:
+                self.outstanding = 0
+                client = self.client
+                if client is not None:
+                    client.server_ready(self, self.tx_status)
 
     def _dispatch_fast(self, events: list[memoryview | bytes | Message]) -> None:
         out: list[memoryview | bytes] = []

@@ -143,6 +143,10 @@ Chunk = memoryview | bytes
 Event = Chunk | Message
 
 
+# What MessageRelay does with a message type (see MessageRelay._kind_table).
+_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID = range(7)
+
+
 class MessageRelay:
     """Scan one direction of a typed message stream for relaying.
 
@@ -160,7 +164,7 @@ class MessageRelay:
     through even when they arrive in pieces.
     """
 
-    __slots__ = ("_body_left", "_partial", "_special", "count", "counted", "flag_prefixes", "flag_types",
+    __slots__ = ("_body_left", "_kinds", "_partial", "_special", "count", "counted", "flag_prefixes", "flag_types",
                  "flagged", "intercept", "last_byte", "max_length", "settle", "tail", "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
@@ -188,6 +192,27 @@ class MessageRelay:
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
         self._special = self.watch | self.intercept | self.count | self.flag_types | self.settle
+        self._kinds = self._kind_table()
+
+    def _kind_table(self) -> tuple[int, ...]:
+        """What to do with each type byte, looked up once per message on the hot path."""
+        kinds = []
+        for msg_type in range(256):
+            if self.valid is not None and msg_type not in self.valid:
+                kinds.append(_INVALID)
+            elif msg_type in self.count:
+                kinds.append(_COUNT)
+            elif msg_type in self.settle:
+                kinds.append(_SETTLE)
+            elif msg_type in self.intercept:
+                kinds.append(_INTERCEPT)
+            elif msg_type in self.watch:
+                kinds.append(_WATCH)
+            elif msg_type in self.flag_types:
+                kinds.append(_FLAG)
+            else:
+                kinds.append(_PASS)
+        return tuple(kinds)
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -266,7 +291,7 @@ class MessageRelay:
             self.tail = True
 
     def _scan(self, data: bytes, pos: int, events: list[Event]) -> None:
-        special, max_length, valid = self._special, self.max_length, self.valid
+        kinds, max_length = self._kinds, self.max_length
         end = len(data)
         run_start = pos
         tail = self.tail
@@ -275,29 +300,32 @@ class MessageRelay:
             msg_type, length = unpack(data, pos)
             if length < 4 or length > max_length:
                 _check_length(msg_type, length, max_length)
-            if valid is not None and msg_type not in valid:
-                raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
             msg_end = pos + 1 + length
-            if msg_type in special:
+            kind = kinds[msg_type]
+            if kind == _PASS:
+                tail = True
                 if msg_end > end:
+                    self._body_left = msg_end - end
+                    pos = end
                     break
-                if msg_type in self.count:
-                    self.counted += 1
-                    self.last_byte = data[msg_end - 1]
-                    tail = False
-                    pos = msg_end
-                    continue
-                if msg_type in self.settle:
-                    tail = False
-                    pos = msg_end
-                    continue
-                if msg_type in self.flag_types and msg_type not in self.watch:
-                    if data.startswith(self.flag_prefixes, pos + 5):
-                        self.flagged = True
-                    tail = True
-                    pos = msg_end
-                    continue
-                if msg_type in self.intercept:
+                pos = msg_end
+                continue
+            if kind == _INVALID:
+                raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
+            if msg_end > end:
+                break
+            if kind == _COUNT:
+                self.counted += 1
+                self.last_byte = data[msg_end - 1]
+                tail = False
+            elif kind == _SETTLE:
+                tail = False
+            elif kind == _FLAG:
+                tail = True
+                if data.startswith(self.flag_prefixes, pos + 5):
+                    self.flagged = True
+            else:
+                if kind == _INTERCEPT:
                     if pos > run_start:
                         events.append(_slice(data, run_start, pos))
                 else:
@@ -305,17 +333,10 @@ class MessageRelay:
                     tail = True
                 run_start = msg_end
                 events.append(Message(msg_type, bytes(data[pos + 5 : msg_end])))
-            elif msg_end > end:
-                self._body_left = msg_end - end
-                pos = end
-                tail = True
-                break
-            else:
-                tail = True
             pos = msg_end
         self.tail = tail
         if pos > run_start:
-            events.append(_slice(data, run_start, pos))
+            events.append(data if run_start == 0 and pos == end else memoryview(data)[run_start:pos])
         if pos < end:
             self._partial += data[pos:end]
 
