@@ -113,7 +113,7 @@ class Server:
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.state = ServerState(config)
         self.config_path = config_path
-        self._listener: asyncio.AbstractServer | None = None
+        self._listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
 

@@ -114,13 +114,14 @@ class ClientSession(asyncio.Protocol):
         self._server_reading_paused = False
         self._client_reading_paused = False
         self._writing_paused = False  # the client's transport buffer is over its high-water mark
+        self._loop = asyncio.get_running_loop()  # once: each call costs a getpid() on 3.11
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.state.sessions.add(self)
-        self._login_task = asyncio.get_running_loop().create_task(self._login())
+        self._login_task = self._loop.create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
         if self._reader is None:
@@ -153,7 +154,7 @@ class ClientSession(asyncio.Protocol):
     # --- login --------------------------------------------------------------------------
 
     async def _wait_data(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         await self._waiter
 
     async def read_message(self) -> Message:
@@ -323,7 +324,7 @@ class ClientSession(asyncio.Protocol):
         self._queued.extend(bytes(chunk) for chunk in out)
         self._queued_syncs += syncs
         if self._attach_task is None and self.server is None:
-            self._attach_task = asyncio.get_running_loop().create_task(self._attach())
+            self._attach_task = self._loop.create_task(self._attach())
 
     async def _attach(self) -> None:
         assert self.database is not None

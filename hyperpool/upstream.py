@@ -137,7 +137,7 @@ class ServerConnection(asyncio.Protocol):
             return
         client = self.client
         if len(events) == 1 and client is not None and type(events[0]) is not Message:
-            client.server_data(events[0])  # the hot path: one run of bytes, nothing to decode
+            client.server_data(events[0])  # type: ignore[arg-type]  # the hot path: one run of bytes
         else:
             self._dispatch_fast(events)
         count = relay.counted

@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
@@ -147,6 +148,32 @@ Event = Chunk | Message
 _PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID = range(7)
 
 
+@lru_cache(maxsize=64)
+def _kind_table(valid: frozenset[int] | None, count: frozenset[int], settle: frozenset[int],
+                intercept: frozenset[int], watch: frozenset[int], flag: frozenset[int]) -> tuple[int, ...]:
+    """What a relay does with each type byte (looked up once per message on the hot path).
+
+    A pure function of its arguments, cached: every session builds relays from the same few sets.
+    """
+    kinds = []
+    for msg_type in range(256):
+        if valid is not None and msg_type not in valid:
+            kinds.append(_INVALID)
+        elif msg_type in count:
+            kinds.append(_COUNT)
+        elif msg_type in settle:
+            kinds.append(_SETTLE)
+        elif msg_type in intercept:
+            kinds.append(_INTERCEPT)
+        elif msg_type in watch:
+            kinds.append(_WATCH)
+        elif msg_type in flag:
+            kinds.append(_FLAG)
+        else:
+            kinds.append(_PASS)
+    return tuple(kinds)
+
+
 class MessageRelay:
     """Scan one direction of a typed message stream for relaying.
 
@@ -192,27 +219,8 @@ class MessageRelay:
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
         self._special = self.watch | self.intercept | self.count | self.flag_types | self.settle
-        self._kinds = self._kind_table()
+        self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types)
 
-    def _kind_table(self) -> tuple[int, ...]:
-        """What to do with each type byte, looked up once per message on the hot path."""
-        kinds = []
-        for msg_type in range(256):
-            if self.valid is not None and msg_type not in self.valid:
-                kinds.append(_INVALID)
-            elif msg_type in self.count:
-                kinds.append(_COUNT)
-            elif msg_type in self.settle:
-                kinds.append(_SETTLE)
-            elif msg_type in self.intercept:
-                kinds.append(_INTERCEPT)
-            elif msg_type in self.watch:
-                kinds.append(_WATCH)
-            elif msg_type in self.flag_types:
-                kinds.append(_FLAG)
-            else:
-                kinds.append(_PASS)
-        return tuple(kinds)
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []

@@ -71,7 +71,9 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _xor(left: bytes, right: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(left, right, strict=True))
+    if len(left) != len(right):
+        raise ValueError("operands of different lengths")
+    return (int.from_bytes(left, "big") ^ int.from_bytes(right, "big")).to_bytes(len(left), "big")
 
 
 def _b64(data: bytes) -> str:
