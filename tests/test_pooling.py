@@ -149,6 +149,9 @@ def test_cancel_running_query(proxy: ProxyRunner) -> None:
     # cancel_safe(): psycopg's legacy cancel() holds the GIL while it waits, which would
     # starve the in-process proxy thread in this test (not an issue for real clients).
     with psycopg.connect(proxy.dsn()) as conn:
+        # the BackendKeyData the client got is hyperpool's own, not the server connection's
+        assert conn.info.backend_pid != conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        conn.rollback()
         timer = threading.Timer(0.5, conn.cancel_safe)
         timer.start()
         started = time.monotonic()
@@ -247,6 +250,14 @@ def test_max_client_conn(make_proxy: Callable[..., ProxyRunner]) -> None:
     try:
         with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
             psycopg.connect(proxy.dsn())
+
+        async def over_limit() -> None:
+            await asyncpg.connect(host="127.0.0.1", port=proxy.port, user=APP_USER, password=APP_PASSWORD,
+                                  database=APPDB)
+
+        with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+            asyncio.run(over_limit())
+        assert info.value.sqlstate == "53300"
     finally:
         for conn in conns:
             conn.close()
