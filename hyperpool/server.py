@@ -59,11 +59,12 @@ class ServerState:
                             "(max_client_conn)", sqlstate="53300")
 
     def register_cancel_key(self, session: ClientSession) -> tuple[int, int]:
-        while True:
-            pid = secrets.randbelow((1 << 31) - 2) + 1
-            if pid not in self.cancel_keys:
+        while True:  # one urandom call for both halves of the key
+            raw = secrets.token_bytes(8)
+            pid = int.from_bytes(raw[:4], "big") & 0x7FFFFFFF
+            if pid and pid not in self.cancel_keys:
                 break
-        secret = secrets.randbits(32) - (1 << 31)
+        secret = int.from_bytes(raw[4:], "big", signed=True)
         self.cancel_keys[pid] = (secret, session)
         return pid, secret
 
