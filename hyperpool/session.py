@@ -40,7 +40,8 @@ FRONTEND_TYPES = b"BCdcfDEHFPpQSX"
 # Messages that the server answers with ReadyForQuery: Query, Sync, FunctionCall.
 _SYNC_TYPES = b"QSF"
 _TERMINATE = ord("X")
-# CopyDone / CopyFail end the bytes a COPY FROM STDIN sends after its Query or Sync.
+_SYNC = ord("S")
+# CopyDone / CopyFail end the CopyData a COPY FROM STDIN sends after its Query or Sync.
 _COPY_END = b"cf"
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _NOT_SETTINGS = {"user", "database", "options"}
@@ -277,7 +278,7 @@ class ClientSession(asyncio.Protocol):
         if self.phase is not Phase.LOGIN:
             return
         self.phase = Phase.READY
-        self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END,
+        self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END, through=b"d",
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES)
         rest = self._setup.take_rest()
         if rest:
@@ -386,6 +387,9 @@ class ClientSession(asyncio.Protocol):
 
     def server_parameter(self, name: str, value: str) -> None:
         self.wanted[name] = value
+
+    def sync_was_last_counted(self) -> bool:
+        return self._reader is not None and self._reader.last_counted == _SYNC
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         self.server = None

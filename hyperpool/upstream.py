@@ -34,8 +34,9 @@ TRACKED_REPORTED = frozenset(
 # Relaying for a client, ReadyForQuery is only counted (no object built); while hyperpool's own
 # queries are in flight every ReadyForQuery and ErrorResponse is a boundary to act on.
 # CommandComplete is watched for the tags of commands that change session state.
-_FAST_WATCH, _FAST_COUNT = b"S", b"Z"
-_INTERNAL_WATCH = b"ZSEC"
+# CopyInResponse is watched so an extended-protocol COPY's ignored Sync can be accounted for.
+_FAST_WATCH, _FAST_COUNT = b"SG", b"Z"
+_INTERNAL_WATCH = b"ZSECG"
 _STATUS = tuple(bytes((i,)) for i in range(256))  # ReadyForQuery status byte -> bytes, without allocating
 _STATE_TAGS = (b"SET\x00", b"RESET\x00", b"DISCARD")
 # What puts a connection back to its login state (RESET ALL leaves the role alone).
@@ -50,6 +51,7 @@ class ServerClient(Protocol):
     def server_data(self, data: bytes | memoryview) -> None: ...
     def server_ready(self, server: ServerConnection, status: bytes) -> None: ...
     def server_parameter(self, name: str, value: str) -> None: ...
+    def sync_was_last_counted(self) -> bool: ...
     def server_lost(self, server: ServerConnection, reason: str) -> None: ...
     def server_pause_writing(self) -> None: ...
     def server_resume_writing(self) -> None: ...
@@ -155,7 +157,10 @@ class ServerConnection(asyncio.Protocol):
         out: list[memoryview | bytes] = []
         for ev in events:
             if type(ev) is Message:
-                self._parameter_status(ev.payload)
+                if ev.type == 71:  # 'G' CopyInResponse
+                    self._copy_in()
+                else:
+                    self._parameter_status(ev.payload)
             else:
                 out.append(ev)  # type: ignore[arg-type]
         self._flush(out)
@@ -194,6 +199,8 @@ class ServerConnection(asyncio.Protocol):
                         self.client.server_ready(self, self.tx_status)
             elif kind == 83:  # 'S' ParameterStatus
                 self._parameter_status(ev.payload)
+            elif kind == 71:  # 'G' CopyInResponse
+                self._copy_in()
             elif kind == 67:  # 'C' CommandComplete: only a client's own SET/RESET/DISCARD matters
                 if not self._internal and self.client is not None and ev.payload.startswith(_STATE_TAGS):
                     self.dirty_for = self.client
@@ -207,6 +214,12 @@ class ServerConnection(asyncio.Protocol):
             return
         self.client.server_data(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+
+    def _copy_in(self) -> None:
+        """COPY FROM STDIN started. PostgreSQL ignores a Sync that reaches it during copy-in, so
+        the Sync a client pipelined behind an extended-protocol Execute gets no ReadyForQuery."""
+        if self.client is not None and self.client.sync_was_last_counted() and self.outstanding > 0:
+            self.outstanding -= 1
 
     def _parameter_status(self, payload: bytes) -> None:
         try:

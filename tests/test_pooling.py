@@ -370,3 +370,44 @@ def test_cancel_never_reaches_the_next_client(make_proxy: Callable[..., ProxyRun
         a.close()
         b.close()
     assert hits == []
+
+
+def _cstr(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _parse_bind_execute(sql: str) -> bytes:
+    return (message(b"P", _cstr("") + _cstr(sql) + struct.pack("!h", 0))
+            + message(b"B", _cstr("") + _cstr("") + struct.pack("!hhh", 0, 0, 0))
+            + message(b"E", _cstr("") + struct.pack("!i", 0)))
+
+
+def test_extended_protocol_copy_releases_the_server(make_proxy: Callable[..., ProxyRunner],
+                                                    items_table: str) -> None:
+    """libpq's PQexecParams COPY: the Sync behind Execute is ignored by PostgreSQL during copy-in."""
+    proxy = make_proxy(query_wait_timeout=3, db={"pool_size": 1, "min_pool_size": 0})
+    with raw_login(proxy.port) as copier:
+        copier.sendall(_parse_bind_execute("copy items (client, n) from stdin") + message(b"S"))
+        assert read_messages(copier, until=b"G")[-1][0] == b"G"
+        copier.sendall(message(b"d", b"-8\t1\n") + message(b"c") + message(b"S"))
+        assert [k for k, _ in read_messages(copier, until=b"Z")] == [b"C", b"Z"]
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:  # gets the only server connection
+            assert other.execute("select count(*) from items where client = -8").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("unsynced", ["set search_path = leaked_by_a", "select 1/0"])
+def test_copy_done_outside_copy_does_not_release_an_unsynced_server(make_proxy: Callable[..., ProxyRunner],
+                                                                   unsynced: str) -> None:
+    """A stray CopyDone must not make hyperpool think a Parse/Bind/Execute without Sync is finished."""
+    proxy = make_proxy(query_wait_timeout=2, db={"pool_size": 1, "min_pool_size": 0})
+    with raw_login(proxy.port) as a:
+        a.sendall(query_msg("select 1") + _parse_bind_execute(unsynced) + message(b"c"))
+        assert read_messages(a, until=b"Z")[-1] == (b"Z", b"I")
+        time.sleep(0.2)
+        with raw_login(proxy.port) as b:
+            b.sendall(query_msg("show search_path"))
+            got = read_messages(b, until=b"ZE")
+    # B either waited for A's server and timed out, or got a clean answer: never A's leftovers
+    kinds = [k for k, _ in got]
+    assert kinds in ([b"T", b"D", b"C", b"Z"], [b"E"]), got
+    assert not any(b"leaked_by_a" in p for _, p in got)

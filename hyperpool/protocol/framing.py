@@ -145,12 +145,13 @@ Event = Chunk | Message
 
 
 # What MessageRelay does with a message type (see MessageRelay._kind_table).
-_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID = range(7)
+_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH = range(8)
 
 
 @lru_cache(maxsize=64)
 def _kind_table(valid: frozenset[int] | None, count: frozenset[int], settle: frozenset[int],
-                intercept: frozenset[int], watch: frozenset[int], flag: frozenset[int]) -> tuple[int, ...]:
+                intercept: frozenset[int], watch: frozenset[int], flag: frozenset[int],
+                through: frozenset[int]) -> tuple[int, ...]:
     """What a relay does with each type byte (looked up once per message on the hot path).
 
     A pure function of its arguments, cached: every session builds relays from the same few sets.
@@ -169,6 +170,8 @@ def _kind_table(valid: frozenset[int] | None, count: frozenset[int], settle: fro
             kinds.append(_WATCH)
         elif msg_type in flag:
             kinds.append(_FLAG)
+        elif msg_type in through:
+            kinds.append(_THROUGH)
         else:
             kinds.append(_PASS)
     return tuple(kinds)
@@ -185,21 +188,26 @@ class MessageRelay:
     decides). Messages of *counted* types are forwarded and only counted in
     ``counted``, with the last byte of the last one in ``last_byte`` (the
     status of a ReadyForQuery): the hot path builds no object for them.
-    ``tail`` tells whether bytes were forwarded after the last counted (or
-    *settle*) message; *flag* types only set ``flagged`` when their payload
-    starts with one of ``flag_prefixes``. Messages of other types are never copied: their bytes flow
-    through even when they arrive in pieces.
+    ``tail`` tells whether bytes were forwarded after the last counted
+    message. A *settle* message (CopyDone) clears it again, but only when
+    everything since the last counted message was of a *through* type
+    (CopyData). *Flag* types only set ``flagged`` when their payload starts
+    with one of ``flag_prefixes``. Messages of other types are never copied:
+    their bytes flow through even when they arrive in pieces.
     """
 
     __slots__ = ("_body_left", "_kinds", "_partial", "_special", "count", "counted", "flag_prefixes", "flag_types",
-                 "flagged", "intercept", "last_byte", "max_length", "settle", "tail", "valid", "watch")
+                 "flagged", "intercept", "last_byte", "last_counted", "max_length", "settle", "tail", "tail_other",
+                 "through", "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
                  valid: bytes | None = None, count: bytes = b"", flag: bytes = b"",
-                 flag_prefixes: tuple[bytes, ...] = (), settle: bytes = b"") -> None:
+                 flag_prefixes: tuple[bytes, ...] = (), settle: bytes = b"", through: bytes = b"") -> None:
         self.max_length = max_length
-        # Messages of a settle type are forwarded and clear ``tail`` without being counted.
+        # Messages of a settle type are forwarded and clear ``tail`` without being counted,
+        # when only messages of a through type were forwarded since the last counted one.
         self.settle = frozenset(settle)
+        self.through = frozenset(through)
         # Messages of a flag type whose payload starts with one of flag_prefixes set ``flagged``.
         self.flag_types = frozenset(flag)
         self.flag_prefixes = flag_prefixes
@@ -209,7 +217,9 @@ class MessageRelay:
         self.set_types(watch=watch, intercept=intercept, count=count)
         self.counted = 0
         self.last_byte = 0
+        self.last_counted = 0  # type byte of the last counted message
         self.tail = False
+        self.tail_other = False  # bytes other than through-type messages since the last counted one
         self._body_left = 0  # bytes still to pass through of an unwatched message
         self._partial = bytearray()  # an incomplete header or watched message
 
@@ -219,8 +229,8 @@ class MessageRelay:
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
         self._special = self.watch | self.intercept | self.count | self.flag_types | self.settle
-        self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types)
-
+        self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types,
+                                  self.through)
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -261,6 +271,8 @@ class MessageRelay:
             body_left = length - 4 - (len(partial) - 5)
             events.append(bytes(partial))
             self.tail = True
+            if self._kinds[msg_type] != _THROUGH:
+                self.tail_other = True
             partial.clear()
             take = min(body_left, len(view) - pos)
             if take:
@@ -278,31 +290,33 @@ class MessageRelay:
         return pos
 
     def _complete(self, msg_type: int, raw: bytes, events: list[Event]) -> None:
-        if msg_type in self.settle:
-            events.append(raw)
-            self.tail = False
-        elif msg_type in self.flag_types and msg_type not in self.watch:
-            events.append(raw)
-            self.tail = True
-            if raw.startswith(self.flag_prefixes, 5):
-                self.flagged = True
-        elif msg_type in self.count:
-            events.append(raw)
+        """A special message that arrived in pieces: the same decisions as in _scan."""
+        kind = self._kinds[msg_type]
+        if kind == _INTERCEPT:
+            events.append(Message(msg_type, raw[5:]))
+            return
+        events.append(raw)
+        if kind == _COUNT:
             self.counted += 1
             self.last_byte = raw[-1]
-            self.tail = False
-        elif msg_type in self.intercept:
-            events.append(Message(msg_type, raw[5:]))
+            self.last_counted = msg_type
+            self.tail = self.tail_other = False
+        elif kind == _SETTLE:
+            if not self.tail_other:
+                self.tail = False
+        elif kind == _FLAG:
+            self.tail = self.tail_other = True
+            if raw.startswith(self.flag_prefixes, 5):
+                self.flagged = True
         else:
-            events.append(raw)
             events.append(Message(msg_type, raw[5:]))
-            self.tail = True
+            self.tail = self.tail_other = True
 
     def _scan(self, data: bytes, pos: int, events: list[Event]) -> None:
         kinds, max_length = self._kinds, self.max_length
         end = len(data)
         run_start = pos
-        tail = self.tail
+        tail, other = self.tail, self.tail_other
         unpack = _HEADER_BI.unpack_from
         while end - pos >= 5:
             msg_type, length = unpack(data, pos)
@@ -310,8 +324,10 @@ class MessageRelay:
                 _check_length(msg_type, length, max_length)
             msg_end = pos + 1 + length
             kind = kinds[msg_type]
-            if kind == _PASS:
+            if kind in (_PASS, _THROUGH):
                 tail = True
+                if kind == _PASS:
+                    other = True
                 if msg_end > end:
                     self._body_left = msg_end - end
                     pos = end
@@ -325,11 +341,13 @@ class MessageRelay:
             if kind == _COUNT:
                 self.counted += 1
                 self.last_byte = data[msg_end - 1]
-                tail = False
+                self.last_counted = msg_type
+                tail = other = False
             elif kind == _SETTLE:
-                tail = False
+                if not other:
+                    tail = False
             elif kind == _FLAG:
-                tail = True
+                tail = other = True
                 if data.startswith(self.flag_prefixes, pos + 5):
                     self.flagged = True
             else:
@@ -338,11 +356,11 @@ class MessageRelay:
                         events.append(_slice(data, run_start, pos))
                 else:
                     events.append(_slice(data, run_start, msg_end))
-                    tail = True
+                    tail = other = True
                 run_start = msg_end
                 events.append(Message(msg_type, bytes(data[pos + 5 : msg_end])))
             pos = msg_end
-        self.tail = tail
+        self.tail, self.tail_other = tail, other
         if pos > run_start:
             events.append(data if run_start == 0 and pos == end else memoryview(data)[run_start:pos])
         if pos < end:
