@@ -116,6 +116,7 @@ class ClientSession(asyncio.Protocol):
         self._client_reading_paused = False
         self._writing_paused = False  # the client's transport buffer is over its high-water mark
         self._loop = asyncio.get_running_loop()  # once: each call costs a getpid() on 3.11
+        self._handshaking = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -207,7 +208,11 @@ class ClientSession(asyncio.Protocol):
                 timer.cancel()
 
     def _login_timed_out(self) -> None:
-        if self.phase is Phase.LOGIN:
+        if self.phase is not Phase.LOGIN:
+            return
+        if self._handshaking:  # no readable ErrorResponse can go into a half-done TLS handshake
+            self._close_transport()
+        else:
             self.fail(ClientProtocolError("client login timeout", sqlstate="08006"))
 
     async def _startup(self) -> dict[str, str] | None:
@@ -233,8 +238,11 @@ class ClientSession(asyncio.Protocol):
             return
         self.send(b"S")
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        new = await loop.start_tls(self.transport, self, context, server_side=True)
+        self._handshaking = True
+        try:
+            new = await self._loop.start_tls(self.transport, self, context, server_side=True)
+        finally:
+            self._handshaking = False
         self.transport = cast(asyncio.Transport, new)
         self.tls = True
 

@@ -232,3 +232,15 @@ def test_wrong_origin_password_does_not_look_like_client_auth_failure(pg: Embedd
         assert APP_PASSWORD not in str(info.value)
     finally:
         proxy.stop()
+
+
+def test_stalled_tls_handshake_is_closed_at_login_timeout(make_proxy: Callable[..., ProxyRunner],
+                                                          tls_files: tuple[str, str]) -> None:
+    proxy = make_proxy(tls={"cert": tls_files[0], "key": tls_files[1]}, client_login_timeout=1)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(struct.pack("!ii", 8, 80877103))
+        assert sock.recv(1) == b"S"
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # closed, with no plaintext ErrorResponse in the TLS stream
+        assert time.monotonic() - started < 8
+    _still_serving(proxy)
