@@ -91,11 +91,3 @@ def error_response(exc: BaseException) -> bytes:
         return messages.error_fields(exc.fields())
     fields = {"S": "FATAL", "V": "FATAL", "C": "XX000", "M": "internal error in hyperpool"}
     return messages.error_fields(fields)
-
-
-def notice_response(message: str, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
-    return messages.error_fields({"S": severity, "V": severity, "C": sqlstate, "M": message}, b"N")
-
-
-def is_fatal(exc: BaseException) -> bool:
-    return not isinstance(exc, ProxyError) or exc.fatal
