@@ -43,10 +43,10 @@ def base_config(pg_port: int, **overrides: Any) -> dict[str, Any]:
 class ProxyRunner:
     """A live hyperpool on 127.0.0.1, driven from test code in other threads."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.loop = uvloop.new_event_loop()
-        self.server = Server(config)
+        self.server = Server(config, config_path)
         self._thread = threading.Thread(target=self.loop.run_forever, name="hyperpool", daemon=True)
 
     def start(self) -> ProxyRunner:

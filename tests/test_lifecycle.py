@@ -173,3 +173,40 @@ def test_demo_runs_and_cleans_up() -> None:
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert set(Path(tempfile.gettempdir()).glob("hyperpool-pg-*")) - before == set()  # its cluster is gone
+
+
+def test_reload_applies_pool_sizes_and_database_changes(pg: EmbeddedPostgres, tmp_path: Path) -> None:
+    """Reload in-process, to look at the pools it leaves behind."""
+    from hyperpool.config import load_config
+    from tests.support import ProxyRunner
+
+    path = tmp_path / "hyperpool.yaml"
+    cfg = base_config(pg.port)
+    path.write_text(yaml.safe_dump(cfg))
+    proxy = ProxyRunner(load_config(path), str(path)).start()
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as held:
+            assert held.execute("select 1").fetchone() == (1,)
+            old_pool = proxy.state.databases[APPDB].pool
+            cfg["databases"][APPDB]["pool_size"] = 2
+            cfg["databases"]["otherdb"] = dict(cfg["databases"][APPDB], pool_size=1)
+            path.write_text(yaml.safe_dump(cfg))
+            assert proxy.run(proxy.server.reload) is True
+            assert proxy.state.databases[APPDB].pool is old_pool  # same pool, connections kept
+            assert old_pool.settings.pool_size == 2
+            with psycopg.connect(proxy.dsn(dbname="otherdb")) as other:
+                assert other.execute("select current_database()").fetchone() == (APPDB,)
+            assert held.execute("select 2").fetchone() == (2,)  # the connected client keeps working
+            del cfg["databases"]["otherdb"]
+            cfg["databases"][APPDB]["port"] = 1  # an origin change: old connections must not be reused
+            path.write_text(yaml.safe_dump(cfg))
+            assert proxy.run(proxy.server.reload) is True
+            assert "otherdb" not in proxy.state.databases
+            assert old_pool.generation == 1 and not old_pool.idle
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(proxy.dsn(dbname="otherdb"))
+            # its next transaction goes to the new origin (which is down), not to a stale connection
+            with pytest.raises(psycopg.OperationalError, match=r"127\.0\.0\.1:1\b"):
+                held.execute("select 3")
+    finally:
+        proxy.stop()
