@@ -411,3 +411,41 @@ def test_copy_done_outside_copy_does_not_release_an_unsynced_server(make_proxy: 
     kinds = [k for k, _ in got]
     assert kinds in ([b"T", b"D", b"C", b"Z"], [b"E"]), got
     assert not any(b"leaked_by_a" in p for _, p in got)
+
+
+def test_no_state_left_behind_after_many_clients(make_proxy: Callable[..., ProxyRunner]) -> None:
+    """Sessions, cancel keys, client counts and checked-out servers all return to zero."""
+    proxy = make_proxy(db={"pool_size": 3, "min_pool_size": 1})
+
+    async def churn(i: int) -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=proxy.port, user=APP_USER, password=APP_PASSWORD,
+                                     database=APPDB, statement_cache_size=0)
+        try:
+            if i % 3 == 0:
+                tx = conn.transaction()
+                await tx.start()
+                await conn.execute("select 1")  # leave in the middle of a transaction
+            else:
+                assert await conn.fetchval("select $1::int", i) == i
+        finally:
+            if i % 5 == 0:
+                conn.terminate()  # no Terminate message, just a dropped socket
+            else:
+                await conn.close()
+
+    async def main() -> None:
+        for start in range(0, 150, 30):
+            await asyncio.gather(*(churn(i) for i in range(start, start + 30)))
+
+    asyncio.run(main())
+
+    def leftovers() -> tuple[int, int, int, int]:
+        db = proxy.state.databases[APPDB]
+        return len(proxy.state.sessions), len(proxy.state.cancel_keys), db.clients, len(db.pool.active)
+
+    deadline = time.monotonic() + 5
+    while leftovers() != (0, 0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.run(leftovers) == (0, 0, 0, 0)
+    pool = proxy.state.databases[APPDB].pool
+    assert pool.stats.opened <= 3 + pool.stats.closed
