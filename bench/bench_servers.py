@@ -167,6 +167,20 @@ class ManagedProcess:
         self.stop()
         return False
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU of every process in the pooler's process group (runuser and its child too)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process went away meanwhile
+            if int(fields[2]) == self.proc.pid:  # pgrp: start_new_session made the pooler a group leader
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def died(self) -> str | None:
         if self.proc is None or self.proc.poll() is None:
             return None

@@ -86,6 +86,7 @@ class Run:
     seconds: float
     problems: list[str] = field(default_factory=list)
     output_tail: str = ""
+    pooler_cpu_us: float | None = None  # the pooler's CPU (user + system) per processed transaction
 
     @property
     def ok(self) -> bool:
@@ -170,6 +171,11 @@ class Cell:
     def flagged(self) -> bool:
         return any(not r.ok for r in self.runs)
 
+    @property
+    def median_cpu_us(self) -> float | None:
+        values = [r.pooler_cpu_us for r in self.runs if r.pooler_cpu_us is not None]
+        return statistics.median(values) if values else None
+
 
 @dataclass
 class Row:
@@ -198,7 +204,11 @@ def measure(target: Target, scenario: Scenario, mode: str, args: argparse.Namesp
     dead = target.pooler.died() if target.pooler else None
     if dead:
         return Run(None, "", None, None, None, None, 0.0, problems=[dead])
+    cpu_before = target.pooler.cpu_seconds() if target.pooler else None
     run = pgbench(target.port, scenario, mode, args.clients, args.duration)
+    cpu_after = target.pooler.cpu_seconds() if target.pooler else None
+    if cpu_before is not None and cpu_after is not None and run.processed:
+        run.pooler_cpu_us = (cpu_after - cpu_before) * 1e6 / run.processed
     dead = target.pooler.died() if target.pooler else None
     if dead:
         run.problems.append(dead)
@@ -278,6 +288,17 @@ def print_table(rows: list[Row]) -> None:
             print("-+-".join("-" * w for w in widths))
 
 
+def print_cpu_table(rows: list[Row]) -> None:
+    """Pooler CPU per transaction: steadier than TPS on a shared machine, and what the TPS gap comes from."""
+    print("\npooler CPU per transaction (user + system, us; median over rounds)")
+    for row in rows:
+        values = []
+        for key in ("pgbouncer", "hyperpool"):
+            cpu = row.cells[key].median_cpu_us if key in row.cells else None
+            values.append(f"{key} {cpu:8.1f}" if cpu is not None else f"{key}      n/a")
+        print(f"  {row.scenario.name:<6} {row.mode:<9} " + "   ".join(values))
+
+
 def print_problems(rows: list[Row]) -> None:
     for row in rows:
         for key, cell in row.cells.items():
@@ -309,6 +330,7 @@ def print_report(machine: dict[str, Any], rows: list[Row], targets: list[Target]
     print("TPS = median over rounds; '!' = at least one run had errors (see PROBLEMS); ratios > 1 favour hyperpool")
     print()
     print_table(rows)
+    print_cpu_table(rows)
     print("\nTargets from the issue:")
     for row in rows:
         print("  " + goal_line(row))
