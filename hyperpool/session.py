@@ -378,11 +378,8 @@ class ClientSession(asyncio.Protocol):
             return
         if server.cancels_in_flight:
             server.after_cancels(lambda: self._release_if_idle(server))
-        elif self.server is server and not server.busy:  # the common case, inline
-            self._detach(server)
-            self.database.pool.release(server)  # type: ignore[union-attr]
-            if self.state.shutting_down:
-                self.fail(_ADMIN_SHUTDOWN)
+        else:
+            self._release_if_idle(server)
 
     def _release_if_idle(self, server: ServerConnection) -> None:
         if self.server is not server or server.busy or self._unsynced or server.tx_status != b"I":

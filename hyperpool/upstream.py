@@ -141,7 +141,7 @@ class ServerConnection(asyncio.Protocol):
         if len(events) == 1 and client is not None and type(events[0]) is not Message:
             client.server_data(events[0])  # type: ignore[arg-type]  # the hot path: one run of bytes
         else:
-            self._dispatch_fast(events)
+            self._dispatch(events)  # also fine here: ReadyForQuery is counted, never a Message, in this mode
         count = relay.counted
         if count:  # ReadyForQuery messages were relayed; the last one's status is last_byte
             relay.counted = 0
@@ -152,18 +152,6 @@ class ServerConnection(asyncio.Protocol):
                 client = self.client
                 if client is not None:
                     client.server_ready(self, self.tx_status)
-
-    def _dispatch_fast(self, events: list[memoryview | bytes | Message]) -> None:
-        out: list[memoryview | bytes] = []
-        for ev in events:
-            if type(ev) is Message:
-                if ev.type == 71:  # 'G' CopyInResponse
-                    self._copy_in()
-                else:
-                    self._parameter_status(ev.payload)
-            else:
-                out.append(ev)  # type: ignore[arg-type]
-        self._flush(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._mark_closed("server closed the connection" if exc is None else f"server connection lost: {exc}")

@@ -146,6 +146,7 @@ Event = Chunk | Message
 
 # What MessageRelay does with a message type (see MessageRelay._kind_table).
 _PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH = range(8)
+_STREAMED = (_PASS, _THROUGH)  # forwarded as they arrive, even in pieces; never buffered
 
 
 @lru_cache(maxsize=64)
@@ -156,25 +157,16 @@ def _kind_table(valid: frozenset[int] | None, count: frozenset[int], settle: fro
 
     A pure function of its arguments, cached: every session builds relays from the same few sets.
     """
-    kinds = []
-    for msg_type in range(256):
+    # earlier entries win when a type is in several sets
+    precedence = ((count, _COUNT), (settle, _SETTLE), (intercept, _INTERCEPT), (watch, _WATCH), (flag, _FLAG),
+                  (through, _THROUGH))
+
+    def kind_of(msg_type: int) -> int:
         if valid is not None and msg_type not in valid:
-            kinds.append(_INVALID)
-        elif msg_type in count:
-            kinds.append(_COUNT)
-        elif msg_type in settle:
-            kinds.append(_SETTLE)
-        elif msg_type in intercept:
-            kinds.append(_INTERCEPT)
-        elif msg_type in watch:
-            kinds.append(_WATCH)
-        elif msg_type in flag:
-            kinds.append(_FLAG)
-        elif msg_type in through:
-            kinds.append(_THROUGH)
-        else:
-            kinds.append(_PASS)
-    return tuple(kinds)
+            return _INVALID
+        return next((kind for types, kind in precedence if msg_type in types), _PASS)
+
+    return tuple(kind_of(msg_type) for msg_type in range(256))
 
 
 class MessageRelay:
@@ -196,7 +188,7 @@ class MessageRelay:
     their bytes flow through even when they arrive in pieces.
     """
 
-    __slots__ = ("_body_left", "_kinds", "_partial", "_special", "count", "counted", "flag_prefixes", "flag_types",
+    __slots__ = ("_body_left", "_kinds", "_partial", "count", "counted", "flag_prefixes", "flag_types",
                  "flagged", "intercept", "last_byte", "last_counted", "max_length", "settle", "tail", "tail_other",
                  "through", "valid", "watch")
 
@@ -228,7 +220,6 @@ class MessageRelay:
         self.watch = frozenset(watch)
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
-        self._special = self.watch | self.intercept | self.count | self.flag_types | self.settle
         self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types,
                                   self.through)
 
@@ -266,7 +257,7 @@ class MessageRelay:
         _check_length(msg_type, length, self.max_length)
         if self.valid is not None and msg_type not in self.valid:
             raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
-        if msg_type not in self._special:
+        if self._kinds[msg_type] in _STREAMED:
             # Only the header was pending: pass it on and stream the body.
             body_left = length - 4 - (len(partial) - 5)
             events.append(bytes(partial))
@@ -313,7 +304,7 @@ class MessageRelay:
             self.tail = self.tail_other = True
 
     def _scan(self, data: bytes, pos: int, events: list[Event]) -> None:
-        kinds, max_length = self._kinds, self.max_length
+        kinds, max_length, streamed = self._kinds, self.max_length, _STREAMED
         end = len(data)
         run_start = pos
         tail, other = self.tail, self.tail_other
@@ -324,7 +315,7 @@ class MessageRelay:
                 _check_length(msg_type, length, max_length)
             msg_end = pos + 1 + length
             kind = kinds[msg_type]
-            if kind in (_PASS, _THROUGH):
+            if kind in streamed:
                 tail = True
                 if kind == _PASS:
                     other = True
