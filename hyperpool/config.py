@@ -21,6 +21,7 @@ from hyperpool.protocol import scram
 
 AUTH_TYPES = ("scram-sha-256", "md5", "password", "trust")
 POOL_MODES = ("transaction", "session")
+PINNING = ("allow", "refuse")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEFAULT_CONFIG_PATH = "config/hyperpool.yaml"
 
@@ -38,6 +39,12 @@ class PoolSettings:
     server_lifetime: float = 3600.0
     server_connect_timeout: float = 15.0
     server_login_retry: float = 1.0
+    # protocol-level prepared statements each server connection keeps (least recently used evicted)
+    max_prepared_statements: int = 200
+    # session state that cannot move between server connections (LISTEN, session advisory locks,
+    # temporary tables, WITH HOLD cursors, SET ROLE): "allow" pins the client to its server
+    # connection, "refuse" answers such statements with an error instead
+    pinning: str = "allow"
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,8 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
 _POOL_READERS: dict[str, Callable[[Any, str], Any]] = {
     "pool_mode": lambda v, k: _choice(v, k, POOL_MODES),
     "pool_size": lambda v, k: _int(v, k, 1, 10000),
+    "max_prepared_statements": lambda v, k: _int(v, k, 1, 100_000),
+    "pinning": lambda v, k: _choice(v, k, PINNING),
     "min_pool_size": lambda v, k: _int(v, k, 0, 10000),
     "max_client_conn": lambda v, k: _int(v, k, 1, 1_000_000),
     "query_wait_timeout": _seconds,

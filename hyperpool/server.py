@@ -19,6 +19,7 @@ from typing import Any
 from hyperpool.config import Config, load_config
 from hyperpool.database import Database
 from hyperpool.errors import ConfigError, PoolError
+from hyperpool.prepared import StatementRegistry
 from hyperpool.session import ClientSession
 
 log = logging.getLogger("hyperpool.server")
@@ -44,6 +45,7 @@ class ServerState:
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[int, tuple[int, ClientSession]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.statements = StatementRegistry()  # protocol-level prepared statements, hyperpool-wide names
         self.shutting_down = False
 
     # --- clients ------------------------------------------------------------------------

@@ -12,14 +12,18 @@ import asyncio
 import logging
 import re
 import ssl
+from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING, cast
 
 from hyperpool import auth
 from hyperpool.database import Database
 from hyperpool.errors import ClientProtocolError, PoolError, ProxyError, UpstreamError, error_response
+from hyperpool.prepared import PREFIX, Statement
 from hyperpool.protocol import messages
 from hyperpool.protocol.framing import (
+    INTERCEPTED_MARK,
+    CheckRule,
     FrameBuffer,
     Message,
     MessageRelay,
@@ -28,7 +32,9 @@ from hyperpool.protocol.framing import (
     StartupPacket,
     read_startup,
 )
-from hyperpool.upstream import ServerConnection, send_cancel
+from hyperpool.protocol.tracker import FAIL, FAKE, SWALLOW_CLOSE, SWALLOW_PARSE
+from hyperpool.sql import effects as sql_effects
+from hyperpool.upstream import Rows, ServerConnection, send_cancel, snapshot_sql
 
 if TYPE_CHECKING:
     from hyperpool.server import ServerState
@@ -46,6 +52,27 @@ _COPY_END = b"cf"
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _NOT_SETTINGS = {"user", "database", "options"}
 _READY_IDLE = messages.ready_for_query(b"I")
+_MARK = bytes((INTERCEPTED_MARK,))
+_QUERY, _PARSE, _BIND, _DESCRIBE, _CLOSE = b"QPBDC"
+_STATEMENT = ord("S")
+_DEALLOCATED = messages.command_complete("DEALLOCATE")
+
+
+def check_rules(look: sql_effects.Predicate) -> dict[int, CheckRule]:
+    """What the client relay lets through without Python looking at it: statements whose text ``look``
+    finds nothing in, and extended-protocol messages that name only the unnamed statement (named
+    statements are renamed to hyperpool's, see prepared.py)."""
+    return {
+        _QUERY: ((b"",), look),
+        _PARSE: ((b"\x00",), look),
+        _BIND: ((b"\x00\x00",), None),
+        _DESCRIBE: ((b"P", b"S\x00"), None),
+        _CLOSE: ((b"P", b"S\x00"), None),
+    }
+
+
+def _syncs(kinds: bytes | bytearray) -> int:
+    return kinds.count(b"S") + kinds.count(b"Q") + kinds.count(b"F") if kinds else 0
 _ADMIN_SHUTDOWN = PoolError("terminating connection due to administrator command", sqlstate="57P01")
 
 
@@ -109,8 +136,15 @@ class ClientSession(asyncio.Protocol):
         self._login_task: asyncio.Task[None] | None = None
         self._attach_task: asyncio.Task[None] | None = None
         self._reader: MessageRelay | None = None
-        self._queued: list[bytes | memoryview] = []
-        self._queued_syncs = 0
+        self._look: sql_effects.Predicate = sql_effects.worth_parsing
+        self._refusing = False  # pinning: refuse
+        # (bytes, their Query/Sync/FunctionCall count, their request types) or (an intercepted message, 0, b"")
+        self._queued: list[tuple[bytes | Message, int, bytes | bytearray]] = []
+        self.statements: dict[bytes, Statement] = {}  # the client's protocol-level named statements
+        self.sql_prepared: dict[str, str] = {}  # the client's SQL-level prepared statements: name -> PREPARE
+        self.pins: tuple[str, ...] = ()  # why the client keeps its server connection between transactions
+        self._bound: deque[Statement] = deque(maxlen=4)  # statements bound lately (for a result-shape change)
+        self._discarding = False  # a DEALLOCATE ALL / DISCARD ALL went to the server
         self._unsynced = False  # bytes went to the server after the last Query/Sync
         self._server_reading_paused = False
         self._client_reading_paused = False
@@ -286,8 +320,12 @@ class ClientSession(asyncio.Protocol):
         if self.phase is not Phase.LOGIN:
             return
         self.phase = Phase.READY
+        assert self.database is not None
+        self._refusing = self.database.config.pool.pinning == "refuse"
+        self._look = sql_effects.worth_parsing_refusing if self._refusing else sql_effects.worth_parsing
         self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END, through=b"d",
-                                    max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES)
+                                    max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES,
+                                    checks=check_rules(self._look), record=True)
         rest = self._setup.take_rest()
         if rest:
             self._relay(rest)
@@ -309,38 +347,81 @@ class ClientSession(asyncio.Protocol):
             self.fail(ClientProtocolError(str(exc)))
             return
         syncs, reader.counted = reader.counted, 0
+        kinds = reader.seen
+        reader.seen = bytearray()
         self._unsynced = reader.tail
         if len(events) == 1 and type(events[0]) is not Message:
-            self._forward(events, syncs)  # type: ignore[arg-type]
-            return
-        out: list[bytes | memoryview] = []
+            self._forward([(events[0], syncs, kinds)])  # type: ignore[list-item]  # the common case
+        elif events:
+            self._forward_mixed(events, kinds)
+
+    def _forward_mixed(self, events: list[bytes | memoryview | Message], kinds: bytearray) -> None:
+        """Bytes and intercepted messages, in order; ``kinds`` has a mark for each intercepted one."""
+        segments = kinds.split(_MARK)
+        items: list[tuple[bytes | Message, int, bytes | bytearray]] = []
+        chunks: list[bytes | memoryview] = []
+        index = 0
         for ev in events:
-            if type(ev) is Message:  # only Terminate is intercepted
-                self._forward(out, syncs)
+            if type(ev) is not Message:
+                chunks.append(ev)  # type: ignore[arg-type]
+                continue
+            segment = segments[index]
+            index += 1
+            if chunks:
+                items.append((b"".join(chunks), _syncs(segment), segment))
+                chunks = []
+            if ev.type == _TERMINATE:  # type: ignore[union-attr]
+                self._forward(items)
                 self._close_transport()
                 return
-            out.append(ev)  # type: ignore[arg-type]
-        self._forward(out, syncs)
+            items.append((ev, 0, b""))  # type: ignore[arg-type]
+        if chunks:
+            segment = segments[index]
+            items.append((b"".join(chunks), _syncs(segment), segment))
+        self._forward(items)
 
-    def _forward(self, out: list[bytes | memoryview], syncs: int) -> None:
-        if not out:
+    def _forward(self, items: list[tuple[bytes | Message, int, bytes | bytearray]]) -> None:
+        if not items:
             return
         server = self.server
         if server is None and self._attach_task is None:
             if self.state.shutting_down:
                 self.fail(_ADMIN_SHUTDOWN)  # no new transactions once shutdown has begun
                 return
+            if len(items) == 2 and self._prepared_here(items):
+                return
             assert self.database is not None
             server = self.database.pool.try_acquire()  # the hot path: an idle server, no task
             if server is not None:
                 self._use_server(server)
         if server is not None and not self._queued:
-            server.write(out[0] if len(out) == 1 else b"".join(out), syncs)
+            if len(items) == 1 and type(items[0][0]) is not Message:
+                data, syncs, kinds = items[0]
+                server.record(kinds)
+                server.transmit(data, syncs)  # type: ignore[arg-type]
+            else:
+                self._send(server, items)
             return
-        self._queued.extend(bytes(chunk) for chunk in out)
-        self._queued_syncs += syncs
+        self._queued.extend((bytes(d) if type(d) is memoryview else d, n, k) for d, n, k in items)
         if self._attach_task is None and self.server is None:
             self._attach_task = self._loop.create_task(self._attach())
+
+    def _prepared_here(self, items: list[tuple[bytes | Message, int, bytes | bytearray]]) -> bool:
+        """Answer Parse + Sync of a statement some server connection already accepted, outside a
+        transaction, without taking a server connection (libpq's PQprepare blocks its caller: pgbench
+        -M prepared would otherwise wait for a server held by a client in the same thread)."""
+        msg, (sync, _, kinds) = items[0][0], items[1]
+        if type(msg) is not Message or msg.type != _PARSE or kinds != b"S" or sync != messages.SYNC:
+            return False
+        name, sql, types = messages.decode_parse(msg.payload)
+        if not name or name in self.statements or self._look(sql, 0, len(sql)):
+            return False
+        stmt = self.state.statements.get(sql, types, self.wanted.get("search_path"))
+        if not stmt.verified:
+            return False
+        self.statements[name] = stmt
+        self.send(messages.PARSE_COMPLETE + _READY_IDLE)
+        return True
 
     async def _attach(self) -> None:
         assert self.database is not None
@@ -361,11 +442,200 @@ class ClientSession(asyncio.Protocol):
         server.client = self
         if self._writing_paused:
             self._pause_server()
-        server.apply_settings(self, self.wanted)
+        server.apply_settings(self, self.wanted, self.sql_prepared)
         if self._queued:
-            data, syncs = b"".join(self._queued), self._queued_syncs
-            self._queued, self._queued_syncs = [], 0
-            server.write(data, syncs)
+            items, self._queued = self._queued, []
+            self._send(server, items)
+
+    def _send(self, server: ServerConnection, items: list[tuple[bytes | Message, int, bytes | bytearray]]) -> None:
+        """Send bytes and intercepted messages (renamed, answered, or refused here) to ``server``."""
+        out: list[bytes] = []
+        syncs = 0
+        try:
+            for data, count, kinds in items:
+                if type(data) is Message:
+                    syncs += self._request(server, data, out)
+                else:
+                    server.record(kinds)
+                    out.append(data)  # type: ignore[arg-type]
+                    syncs += count
+        except ProtocolViolation as exc:
+            self.fail(ClientProtocolError(str(exc)))
+            return
+        if out:
+            server.transmit(out[0] if len(out) == 1 else b"".join(out), syncs)
+        elif not server.busy:
+            self.server_ready(server, server.tx_status)  # hyperpool answered everything itself
+
+    # --- intercepted requests -------------------------------------------------------------
+
+    def _request(self, server: ServerConnection, msg: Message, out: list[bytes]) -> int:
+        """Add what ``msg`` becomes to ``out``; return how many ReadyForQuery it will get."""
+        kind = msg.type
+        if kind == _QUERY:
+            return self._query(server, msg, out)
+        if kind == _PARSE:
+            self._parse(server, msg, out)
+        elif kind == _BIND:
+            self._bind(server, msg, out)
+        elif kind == _DESCRIBE:
+            self._describe(server, msg, out)
+        elif kind == _CLOSE:
+            self._close(server, msg, out)
+        return 0
+
+    def _effects(self, sql: bytes) -> sql_effects.Effects:
+        return sql_effects.effects(sql) if self._look(sql, 0, len(sql)) else sql_effects.NO_EFFECTS
+
+    def _refusal(self, effects: sql_effects.Effects) -> str | None:
+        if not self._refusing or not effects.pins:
+            return None
+        assert self.database is not None
+        return sql_effects.refusal_sql(effects.pins, self.database.config.name)
+
+    def _query(self, server: ServerConnection, msg: Message, out: list[bytes]) -> int:
+        effects = self._effects(msg.payload[:-1])
+        refusal = self._refusal(effects)
+        if refusal is not None:
+            server.record(b"Q")
+            out.append(messages.query(refusal))
+            return 1
+        if effects.statements == 1 and len(effects.deallocates) == 1:
+            name = effects.deallocates[0].encode()
+            if name in self.statements:  # a protocol-level statement: it only exists in hyperpool
+                del self.statements[name]
+                server.record_edit(FAKE, lambda: _DEALLOCATED + messages.ready_for_query(server.tx_status))
+                return 0
+        self._note(server, effects)
+        server.record(b"Q")
+        out.append(msg.raw)
+        return 1
+
+    def _note(self, server: ServerConnection, effects: sql_effects.Effects) -> None:
+        if effects.check_after:
+            server.state_changed = True
+            server.dirty_for = self
+        if effects.deallocates_all:
+            self._discarding = True
+
+    def _parse(self, server: ServerConnection, msg: Message, out: list[bytes]) -> None:
+        name, sql, types = messages.decode_parse(msg.payload)
+        effects = self._effects(sql)
+        refusal = self._refusal(effects)
+        raw = msg.raw
+        if refusal is not None:
+            sql, types = refusal.encode(), b"\x00\x00"
+            raw = messages.parse(name, sql, types)
+        else:
+            self._note(server, effects)
+        if not name:
+            server.record(b"P")
+            out.append(raw)
+            return
+        old = self.statements.get(name)
+        if old is not None:
+            # PostgreSQL refuses a second Parse of a name; a Parse of hyperpool's name for the existing
+            # statement makes the server fail the same way (and skip to Sync), with the client's name shown
+            self._prepare_on(server, old, out)
+            error = ProxyError(f'prepared statement "{name.decode(errors="replace")}" already exists',
+                               sqlstate="42P05")
+            server.record_edit(FAIL, error_response(error))
+            out.append(messages.parse(old.name, b"", b"\x00\x00"))
+            return
+        stmt = self.state.statements.get(sql, types, self.wanted.get("search_path"))
+        self.statements[name] = stmt
+
+        def outcome(ok: bool) -> None:
+            if ok:
+                stmt.verified = True
+            elif self.statements.get(name) is stmt:
+                del self.statements[name]  # as in PostgreSQL: a failed Parse defines nothing
+
+        if stmt.name in server.prepared:
+            server.prepared.move_to_end(stmt.name)
+            server.record_edit(FAKE, messages.PARSE_COMPLETE, outcome)
+            return
+        self._make_room(server, out)
+        server.prepared[stmt.name] = None
+
+        def parsed(ok: bool) -> None:
+            if not ok:
+                server.prepared.pop(stmt.name, None)
+            outcome(ok)
+
+        server.record_edit(_PARSE, b"", parsed)
+        out.append(stmt.parse)
+
+    def _make_room(self, server: ServerConnection, out: list[bytes]) -> None:
+        """Evict the least recently used statements beyond max_prepared_statements (Close, answer swallowed)."""
+        assert self.database is not None
+        limit = self.database.config.pool.max_prepared_statements
+        while len(server.prepared) >= limit:
+            victim, _ = server.prepared.popitem(last=False)
+            server.record_edit(SWALLOW_CLOSE)
+            out.append(messages.close(b"S", victim))
+
+    def _prepare_on(self, server: ServerConnection, stmt: Statement, out: list[bytes]) -> None:
+        """Make sure ``server`` has ``stmt`` before the request that needs it (Parse, answer swallowed)."""
+        if stmt.name in server.prepared:
+            server.prepared.move_to_end(stmt.name)
+            return
+        self._make_room(server, out)
+        server.prepared[stmt.name] = None
+
+        def prepared(ok: bool) -> None:
+            if not ok:
+                server.prepared.pop(stmt.name, None)
+            else:
+                stmt.verified = True
+
+        server.record_edit(SWALLOW_PARSE, b"", prepared)
+        out.append(stmt.parse)
+
+    def _target(self, name: bytes) -> Statement | bytes:
+        """The client's statement called ``name``, or the name to send for one it does not have."""
+        stmt = self.statements.get(name)
+        if stmt is not None:
+            return stmt
+        # unknown here: PostgreSQL says so (an SQL-level PREPAREd name works as in PostgreSQL)
+        return b"~" + name if name.startswith(PREFIX) else name
+
+    def _bind(self, server: ServerConnection, msg: Message, out: list[bytes]) -> None:
+        portal, name, rest = messages.decode_bind_names(msg.payload)
+        raw = msg.raw
+        if name:
+            target = self._target(name)
+            if isinstance(target, Statement):
+                self._prepare_on(server, target, out)
+                self._bound.append(target)
+                target = target.name
+            if target != name:
+                raw = messages.bind_renamed(msg.payload, portal, target, rest)
+        server.record(b"B")
+        out.append(raw)
+
+    def _describe(self, server: ServerConnection, msg: Message, out: list[bytes]) -> None:
+        kind, name = messages.decode_target(msg.payload)
+        raw = msg.raw
+        if kind == _STATEMENT and name:
+            target = self._target(name)
+            if isinstance(target, Statement):
+                self._prepare_on(server, target, out)
+                target = target.name
+            raw = messages.describe(b"S", target)
+        server.record(b"D")
+        out.append(raw)
+
+    def _close(self, server: ServerConnection, msg: Message, out: list[bytes]) -> None:
+        kind, name = messages.decode_target(msg.payload)
+        if kind == _STATEMENT and name:
+            # The statement stays prepared on the server for other clients; PostgreSQL, too, answers
+            # CloseComplete for a name that does not exist.
+            self.statements.pop(name, None)
+            server.record_edit(FAKE, messages.CLOSE_COMPLETE)
+            return
+        server.record(b"C")
+        out.append(msg.raw)
 
     # --- relay: server -> client (called by ServerConnection) ----------------------------
 
@@ -376,10 +646,68 @@ class ClientSession(asyncio.Protocol):
     def server_ready(self, server: ServerConnection, status: bytes) -> None:
         if status != b"I" or self._unsynced or self.pool_mode != "transaction":
             return
+        if server.state_changed:
+            self._read_session_state(server)  # decides about releasing when the answer is in
+            return
+        if self.pins:
+            return  # pinned: the session's state lives on this server connection
         if server.cancels_in_flight:
             server.after_cancels(lambda: self._release_if_idle(server))
         else:
             self._release_if_idle(server)
+
+    def _read_session_state(self, server: ServerConnection) -> None:
+        """After a transaction that may have changed session state, ask the server what it now holds:
+        settings and SQL-level prepared statements follow the client to its next server connection,
+        anything that cannot move pins the client here."""
+        server.state_changed = False
+        rows: Rows = []
+        # the client's requests may follow this query: only what was prepared before it can be gone
+        known = list(server.prepared)
+
+        def done(conn: ServerConnection, status: bytes, error: dict[str, str] | None) -> None:
+            if error is not None:
+                conn.close(f"reading session state failed: {error.get('M', '')}")
+                return
+            self._adopt_session_state(conn, rows, known)
+            if self.server is conn and not conn.busy:
+                self.server_ready(conn, conn.tx_status)
+
+        server.send_internal(snapshot_sql(server.db.user), done, rows)
+
+    def _adopt_session_state(self, server: ServerConnection, rows: Rows, known: list[bytes]) -> None:
+        settings: dict[str, str] = {}
+        prepared: dict[str, str] = {}
+        protocol: set[bytes] = set()
+        pins: list[str] = []
+        for row in rows:
+            if len(row) != 3:
+                continue
+            kind, name, value = row
+            if name is None:
+                continue
+            if kind == "s" and value is not None:
+                settings[name] = value
+            elif kind == "p" and value is not None:
+                prepared[name] = sql_effects.prepare_statement(value, name) or value
+            elif kind == "q":
+                protocol.add(name.encode())
+            elif kind == "x":
+                pins.append(name)
+        self.wanted = settings
+        server.applied = dict(settings)
+        self.sql_prepared = prepared
+        server.sql_prepared = dict(prepared)
+        for gone in known:
+            if gone not in protocol:
+                server.prepared.pop(gone, None)  # deallocated (DISCARD ALL, DEALLOCATE ALL)
+        if self._discarding:
+            self._discarding = False
+            if not protocol:
+                self.statements.clear()  # the client's own DISCARD ALL / DEALLOCATE ALL went through
+        if tuple(pins) != self.pins:
+            log.debug("client %s pinned: %s", self.key[0], ", ".join(pins) or "no longer")
+        self.pins = tuple(pins)
 
     def _release_if_idle(self, server: ServerConnection) -> None:
         if self.server is not server or server.busy or self._unsynced or server.tx_status != b"I":
@@ -389,6 +717,13 @@ class ClientSession(asyncio.Protocol):
         self.database.pool.release(server)
         if self.state.shutting_down:
             self.fail(_ADMIN_SHUTDOWN)
+
+    def server_plan_changed(self) -> None:
+        """PostgreSQL refused a prepared statement whose result shape changed (DDL): give the statements
+        this client bound lately new names, so every server connection prepares them afresh."""
+        for stmt in set(self._bound):
+            self.state.statements.renew(stmt)
+        self._bound.clear()
 
     def server_parameter(self, name: str, value: str) -> None:
         self.wanted[name] = value
@@ -463,7 +798,7 @@ class ClientSession(asyncio.Protocol):
             pool.discard(server, "client disconnected mid-query")
             return
         steps = (["ROLLBACK"] if server.tx_status != b"I" else []) + \
-            (["DISCARD ALL"] if self.pool_mode == "session" else [])
+            (["DISCARD ALL"] if self.pool_mode == "session" or self.pins or server.state_changed else [])
         self._reset(server, steps)
 
     def _reset(self, server: ServerConnection, steps: list[str]) -> None:
@@ -480,6 +815,8 @@ class ClientSession(asyncio.Protocol):
             if steps[0] == "DISCARD ALL":
                 conn.applied = {}
                 conn.dirty_for = None
+                conn.state_changed = False
+                conn.forget_statements()
             self._reset(conn, steps[1:])
 
         server.send_internal(steps[0], done)

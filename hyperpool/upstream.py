@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -22,6 +23,7 @@ from hyperpool.config import DatabaseConfig
 from hyperpool.errors import UpstreamError
 from hyperpool.protocol import messages, scram
 from hyperpool.protocol.framing import FrameBuffer, Message, MessageRelay, ProtocolViolation
+from hyperpool.protocol.tracker import FAKE, TERMINATORS, Answer, Outcome, ResponseTracker
 
 log = logging.getLogger("hyperpool.upstream")
 
@@ -33,16 +35,53 @@ TRACKED_REPORTED = frozenset(
 
 # Relaying for a client, ReadyForQuery is only counted (no object built); while hyperpool's own
 # queries are in flight every ReadyForQuery and ErrorResponse is a boundary to act on.
-# CommandComplete is watched for the tags of commands that change session state.
-# CopyInResponse is watched so an extended-protocol COPY's ignored Sync can be accounted for.
-_FAST_WATCH, _FAST_COUNT = b"SG", b"Z"
-_INTERNAL_WATCH = b"ZSECG"
+# CommandComplete is flagged for the tags of commands that change session state.
+# CopyInResponse is watched so an extended-protocol COPY's ignored Sync can be accounted for;
+# ErrorResponse so a prepared statement whose result shape changed can be renamed.
+# Completions (see protocol.tracker) are tallied so response tracking can start at any point.
+_FAST_WATCH, _FAST_COUNT = b"SGE", b"Z"
+# NotificationResponse is watched so one arriving while hyperpool's own query runs still reaches the client.
+_INTERNAL_WATCH = b"ZSECGDA"
+_COMPLETIONS = b"123nTCIs"
+# While responses are tracked (see protocol.tracker) every completion is intercepted.
+_TRACKED_INTERCEPT = b"123tnTCIsEZ"
+_TRACKED_KINDS = frozenset(_TRACKED_INTERCEPT)
 _STATUS = tuple(bytes((i,)) for i in range(256))  # ReadyForQuery status byte -> bytes, without allocating
-_STATE_TAGS = (b"SET\x00", b"RESET\x00", b"DISCARD")
+# Command tags after which the session's state is read back from the server (see SNAPSHOT_SQL).
+_STATE_TAGS = (b"SET\x00", b"RESET\x00", b"DISCARD", b"PREPARE\x00", b"DEALLOCATE", b"LISTEN\x00",
+               b"UNLISTEN\x00", b"DECLARE CURSOR\x00", b"CLOSE CURSOR", b"DO\x00", b"CALL\x00", b"CREATE TABLE",
+               b"DROP TABLE", b"CREATE VIEW", b"DROP VIEW", b"CREATE SEQUENCE", b"DROP SEQUENCE")
 # What puts a connection back to its login state (RESET ALL leaves the role alone).
 _RESET_SESSION = ("RESET ROLE", "RESET SESSION AUTHORIZATION", "RESET ALL")
+_PLAN_CHANGED = "cached plan must not change result type"
+_IDENT_OK = re.compile(r"^[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?$")
+
+
+def snapshot_sql(login_user: str) -> str:
+    """What hyperpool reads back after a transaction that may have changed session state: session-level
+    settings ('s'), SQL-level prepared statements ('p'), protocol-level ones ('q') and every reason
+    ('x') the session cannot move to another server connection."""
+    return (
+        "SELECT 's', lower(name), setting FROM pg_catalog.pg_settings WHERE source = 'session' "
+        "UNION ALL SELECT 'p', name, statement FROM pg_catalog.pg_prepared_statements WHERE from_sql "
+        "UNION ALL SELECT 'q', name, NULL FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql "
+        "UNION ALL SELECT 'x', reason, NULL FROM (VALUES "
+        "('listen', EXISTS (SELECT FROM pg_catalog.pg_listening_channels())), "
+        "('advisory_lock', EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+        "AND pid = pg_catalog.pg_backend_pid())), "
+        "('temp_table', EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())), "
+        "('hold_cursor', EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable)), "
+        f"('role', current_user <> session_user OR session_user <> {quote_literal(login_user)})"
+        ") AS v(reason, held) WHERE held"
+    )
+
+
+def quote_ident(name: str) -> str:
+    return name if _IDENT_OK.match(name) else '"' + name.replace('"', '""') + '"'
+
 
 InternalDone = Callable[["ServerConnection", bytes, dict[str, str] | None], None]
+Rows = list[list[str | None]]
 
 
 class ServerClient(Protocol):
@@ -55,6 +94,7 @@ class ServerClient(Protocol):
     def server_lost(self, server: ServerConnection, reason: str) -> None: ...
     def server_pause_writing(self) -> None: ...
     def server_resume_writing(self) -> None: ...
+    def server_plan_changed(self) -> None: ...
 
 
 def _settings_applied(conn: ServerConnection, status: bytes, error: dict[str, str] | None) -> None:
@@ -68,10 +108,15 @@ def quote_literal(value: str) -> str:
 
 
 def set_statements(wanted: dict[str, str], applied: dict[str, str]) -> str:
-    """SQL that moves a server connection's settings from ``applied`` to ``wanted``."""
-    parts = [f"SET {name} TO {quote_literal(value)}" for name, value in wanted.items()
-             if applied.get(name) != value]
-    parts += [f"RESET {name}" for name in applied if name not in wanted]
+    """SQL that moves a server connection's settings from ``applied`` to ``wanted``.
+
+    Values are set with set_config(), which takes them as PostgreSQL shows them (SET would quote a
+    list such as search_path's ``"$user", public`` into one name)."""
+    calls = [f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+             for name, value in wanted.items() if applied.get(name) != value]
+    parts = [f"RESET {quote_ident(name)}" for name in applied if name not in wanted]
+    if calls:
+        parts.append("SELECT " + ", ".join(calls))
     return ";".join(parts)
 
 
@@ -97,6 +142,9 @@ class ServerConnection(asyncio.Protocol):
         self.startup_params: dict[str, str] = {}
         self.applied: dict[str, str] = {}
         self.dirty_for: ServerClient | None = None  # the client whose SET/RESET/DISCARD this connection carries
+        self.state_changed = False  # a client's command may have changed session state: read it back
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # hyperpool's statement names here, LRU first
+        self.sql_prepared: dict[str, str] = {}  # SQL-level prepared statements here: name -> PREPARE text
         self.generation = 0  # the pool's origin generation it was opened for
         self.cancels_in_flight = 0
         self._after_cancels: list[Callable[[], None]] = []
@@ -108,11 +156,15 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.on_close: Callable[[ServerConnection], None] | None = None
-        self._internal: deque[InternalDone | None] = deque()
+        # Fast path: the request types sent and not yet answered by a ReadyForQuery (see protocol.tracker).
+        self.requests = bytearray()
+        self.tracker: ResponseTracker | None = None  # set while responses are tracked one by one
+        self._internal: deque[tuple[InternalDone | None, Rows | None]] = deque()
         self._internal_error: dict[str, str] | None = None
         self._setup: FrameBuffer | None = FrameBuffer(max_length=1 << 20)
         self._waiter: asyncio.Future[None] | None = None
-        self._relay = MessageRelay(watch=_FAST_WATCH, count=_FAST_COUNT, flag=b"C", flag_prefixes=_STATE_TAGS)
+        self._relay = MessageRelay(watch=_FAST_WATCH, count=_FAST_COUNT, flag=b"C", flag_prefixes=_STATE_TAGS,
+                                   tally=_COMPLETIONS, error_type=ord("E"), tally_reset=ord("Z"))
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -125,27 +177,28 @@ class ServerConnection(asyncio.Protocol):
             self._wake()
             return
         relay = self._relay
+        intercepted = relay.intercept  # the kinds these events were scanned with
         try:
             events = relay.feed(data)
         except ProtocolViolation as exc:
             self.close(f"protocol violation from server: {exc}")
             return
-        if relay.flagged:  # CommandComplete of a SET/RESET/DISCARD
+        if relay.flagged:  # CommandComplete of a command that may change session state
             relay.flagged = False
-            if self.client is not None and not self._internal:
-                self.dirty_for = self.client  # the next client must not inherit it
-        if self._internal:
-            self._dispatch(events)
+            self._state_tag()
+        if self._internal or self.tracker is not None:
+            self._dispatch(events, intercepted)
             return
         client = self.client
         if len(events) == 1 and client is not None and type(events[0]) is not Message:
             client.server_data(events[0])  # type: ignore[arg-type]  # the hot path: one run of bytes
         else:
-            self._dispatch(events)  # also fine here: ReadyForQuery is counted, never a Message, in this mode
+            self._dispatch(events, intercepted)  # ReadyForQuery is counted, never a Message, in this mode
         count = relay.counted
         if count:  # ReadyForQuery messages were relayed; the last one's status is last_byte
             relay.counted = 0
             self.tx_status = _STATUS[relay.last_byte]
+            self._answered(count)
             self.outstanding -= count
             if self.outstanding <= 0:
                 self.outstanding = 0
@@ -167,7 +220,29 @@ class ServerConnection(asyncio.Protocol):
 
     # --- relay --------------------------------------------------------------------------
 
-    def _dispatch(self, events: list[memoryview | bytes | Message]) -> None:
+    def _state_tag(self) -> None:
+        if self.client is not None and not self._internal:
+            self.dirty_for = self.client  # the next client must not inherit it
+            self.state_changed = True
+
+    def _answered(self, count: int) -> None:
+        """``count`` ReadyForQuery messages arrived: forget the requests they answered (fast path)."""
+        requests = self.requests
+        if len(requests) == 1 and count == 1:
+            requests.clear()  # one simple Query
+            return
+        for _ in range(count):
+            for i, kind in enumerate(requests):
+                if kind in TERMINATORS:
+                    del requests[: i + 1]
+                    break
+            else:
+                requests.clear()
+                return
+
+    def _dispatch(self, events: list[memoryview | bytes | Message], intercepted: frozenset[int]) -> None:
+        """The slow path: events include messages to act on. An intercepted message's bytes are not in
+        the runs around it (``intercepted`` = the types intercepted when these events were scanned)."""
         out: list[memoryview | bytes] = []
         for ev in events:
             if type(ev) is not Message:
@@ -175,26 +250,64 @@ class ServerConnection(asyncio.Protocol):
                     out.append(ev)  # type: ignore[arg-type]
                 continue
             kind = ev.type
-            if kind == 90:  # 'Z' ReadyForQuery
-                self.tx_status = ev.payload[:1]
-                if self._internal:
-                    self._finish_internal()
+            if self._internal:
+                self._internal_message(kind, ev)
+                continue
+            tracker = self.tracker
+            if kind in intercepted:
+                if tracker is not None:
+                    tracker.on_response(kind, ev.raw, out)  # type: ignore[arg-type]
                 else:
-                    self.outstanding -= 1
-                    if self.outstanding <= 0 and self.client is not None:
-                        self.outstanding = 0
-                        self._flush(out)
-                        self.client.server_ready(self, self.tx_status)
-            elif kind == 83:  # 'S' ParameterStatus
+                    out.append(ev.raw)
+            if kind == 83:  # 'S' ParameterStatus
                 self._parameter_status(ev.payload)
             elif kind == 71:  # 'G' CopyInResponse
                 self._copy_in()
-            elif kind == 67:  # 'C' CommandComplete: only a client's own SET/RESET/DISCARD matters
-                if not self._internal and self.client is not None and ev.payload.startswith(_STATE_TAGS):
-                    self.dirty_for = self.client
-            elif kind == 69 and self._internal:  # 'E' during hyperpool's own query
-                self._internal_error = messages.decode_error_fields(ev.payload)
+            elif kind == 69:  # 'E'
+                self._error(ev.payload)
+            elif kind == 67:  # 'C' CommandComplete (flagged in the fast path instead)
+                if ev.payload.startswith(_STATE_TAGS):
+                    self._state_tag()
+            elif kind == 90:  # 'Z' ReadyForQuery
+                self.tx_status = ev.payload[:1]
+                if tracker is None:
+                    self._answered(1)
+                self.outstanding -= 1
+                if self.outstanding <= 0:
+                    self.outstanding = 0
+                    if tracker is not None and not tracker:
+                        self._stop_tracking()
+                    if self.client is not None:
+                        self._flush(out)
+                        self.client.server_ready(self, self.tx_status)
         self._flush(out)
+        if self.tracker is not None and not self.tracker:
+            self._stop_tracking()
+
+    def _internal_message(self, kind: int, ev: Message) -> None:
+        """A response to hyperpool's own query: never shown to a client."""
+        if kind == 90:  # 'Z'
+            self.tx_status = ev.payload[:1]
+            self._finish_internal()
+        elif kind == 69:  # 'E'
+            self._internal_error = messages.decode_error_fields(ev.payload)
+        elif kind == 68:  # 'D'
+            rows = self._internal[0][1]
+            if rows is not None:
+                with contextlib.suppress(ProtocolViolation):
+                    rows.append(messages.decode_data_row(ev.payload))
+        elif kind == 83:  # 'S'
+            self._parameter_status(ev.payload)
+        elif kind == 65 and self.client is not None:  # 'A' NotificationResponse: the client's, not ours
+            self.client.server_data(ev.raw)
+
+    def _error(self, payload: bytes) -> None:
+        """An ErrorResponse for the client: PostgreSQL says a prepared statement's result shape changed."""
+        if self.client is None or b"0A000" not in payload:
+            return
+        fields = messages.decode_error_fields(payload)
+        if fields.get("C") == "0A000" and fields.get("M") == _PLAN_CHANGED:
+            self.client.server_plan_changed()
 
     def _flush(self, out: list[memoryview | bytes]) -> None:
         if not out or self.client is None:
@@ -208,6 +321,12 @@ class ServerConnection(asyncio.Protocol):
         the Sync a client pipelined behind an extended-protocol Execute gets no ReadyForQuery."""
         if self.client is not None and self.client.sync_was_last_counted() and self.outstanding > 0:
             self.outstanding -= 1
+            if self.tracker is not None:
+                self.tracker.drop_sync_after_copy_start()
+            else:
+                index = self.requests.rfind(b"S")
+                if index >= 0:
+                    del self.requests[index]
 
     def _parameter_status(self, payload: bytes) -> None:
         try:
@@ -221,26 +340,100 @@ class ServerConnection(asyncio.Protocol):
         self.applied[key] = value
         self.client.server_parameter(key, value)
 
+    # --- requests from the attached client ----------------------------------------------
+
+    def transmit(self, data: bytes | memoryview, syncs: int) -> None:
+        """Send a client's bytes (already recorded with :meth:`record` / :meth:`record_edit`)."""
+        if not self._writable():
+            return
+        self.outstanding += syncs
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def record(self, kinds: bytes | bytearray) -> None:
+        """Requests forwarded as the client sent them, by type byte, in order."""
+        if self.tracker is None:
+            self.requests += kinds
+        else:
+            self.tracker.push_requests(kinds)
+
+    def record_edit(self, kind: int, data: Answer = b"", outcome: Outcome | None = None) -> None:
+        """A request whose answer hyperpool must route (see protocol.tracker), in order with :meth:`record`."""
+        if kind == FAKE and self.tracker is None and not self.requests:
+            if self.client is not None:  # nothing is pending: the answer goes out now
+                self.client.server_data(data if isinstance(data, bytes) else data())
+            if outcome is not None:
+                outcome(True)
+            return
+        tracker = self.tracker if self.tracker is not None else self._start_tracking()
+        tracker.push(kind, data, outcome)
+        if kind == FAKE:
+            answer: list[bytes] = []
+            tracker.ready_fakes(answer)
+            if answer and self.client is not None:
+                self.client.server_data(b"".join(answer))
+
+    def _start_tracking(self) -> ResponseTracker:
+        tracker = self.tracker = ResponseTracker()
+        relay = self._relay
+        if self._internal:  # hyperpool's own query goes first: nothing of the client's is answered yet
+            tracker.start(self.requests, 0, False)
+        else:
+            tracker.start(self.requests, relay.tallied, relay.errored)
+        self.requests.clear()
+        self._set_kinds()
+        return tracker
+
+    def _stop_tracking(self) -> None:
+        """Every tracked request is answered: back to the fast path."""
+        self.tracker = None
+        self.requests.clear()
+        relay = self._relay
+        relay.tallied = 0
+        relay.errored = False
+        self._set_kinds()
+
+    def _set_kinds(self) -> None:
+        """What the relay decodes: as little as the current mode allows."""
+        relay = self._relay
+        if self.tracker is not None:
+            # hyperpool's own rows (if any) must then be intercepted, or they would be in the runs
+            if self._internal:
+                relay.set_types(watch=b"SGA", intercept=_TRACKED_INTERCEPT + b"D")
+            else:
+                relay.set_types(watch=b"SG", intercept=_TRACKED_INTERCEPT)
+        elif self._internal:
+            relay.set_types(watch=_INTERNAL_WATCH)
+        else:
+            relay.set_types(watch=_FAST_WATCH, count=_FAST_COUNT)
+
+    def forget_statements(self) -> None:
+        """The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL)."""
+        self.prepared.clear()
+        self.sql_prepared = {}
+
+    # --- hyperpool's own queries ----------------------------------------------------------
+
     def _finish_internal(self) -> None:
-        done = self._internal.popleft()
+        done, _ = self._internal.popleft()
         if not self._internal:
-            self._relay.set_types(watch=_FAST_WATCH, count=_FAST_COUNT)
+            self._set_kinds()
         error, self._internal_error = self._internal_error, None
         if error is not None:
             log.warning("internal query on server connection failed: %s", error.get("M"))
         if done is not None:
             done(self, self.tx_status, error)
 
-    def send_internal(self, sql: str, done: InternalDone | None = None) -> None:
-        """Run ``sql`` for hyperpool itself; its response never reaches a client."""
+    def send_internal(self, sql: str | bytes, done: InternalDone | None = None, rows: Rows | None = None) -> None:
+        """Run ``sql`` (or send raw extended-protocol messages ending in Sync) for hyperpool itself;
+        its response never reaches a client. DataRows go to ``rows`` when given."""
         if not self._writable():
             if done is not None:
                 done(self, b"", {"S": "FATAL", "C": "08006", "M": "server connection closed"})
             return
-        if not self._internal:
-            self._relay.set_types(watch=_INTERNAL_WATCH)
-        self._internal.append(done)
-        self.transport.write(messages.query(sql))  # type: ignore[union-attr]
+        self._internal.append((done, rows))
+        if len(self._internal) == 1:
+            self._set_kinds()
+        self.transport.write(messages.query(sql) if isinstance(sql, str) else sql)  # type: ignore[union-attr]
 
     def _writable(self) -> bool:
         """False (and the connection marked closed) when the socket is already going away."""
@@ -249,34 +442,42 @@ class ServerConnection(asyncio.Protocol):
             return False
         return True
 
-    def apply_settings(self, client: ServerClient, wanted: dict[str, str]) -> None:
-        """Pipeline the SET/RESET that give this connection a client's settings.
+    def apply_settings(self, client: ServerClient, wanted: dict[str, str],
+                       sql_prepared: dict[str, str] | None = None) -> None:
+        """Pipeline what gives this connection a client's session: its settings and its SQL-level
+        prepared statements (hyperpool's own queries; their answers are swallowed).
 
         A connection on which another client ran SET, RESET or DISCARD is first put back to
         its login defaults with RESET ALL, so no session setting leaks between clients.
         """
         if self.dirty_for is not None and self.dirty_for is not client:
             self.dirty_for = None
-            sets = [f"SET {k} TO {quote_literal(v)}" for k, v in wanted.items()]
+            sets = set_statements(wanted, {})
             self.applied = dict(wanted)
-            self.send_internal(";".join([*_RESET_SESSION, *sets]), _settings_applied)
-            return
-        if wanted == self.applied:
-            return
-        sql = set_statements(wanted, self.applied)
-        if sql:
-            self.send_internal(sql, _settings_applied)
-        self.applied = dict(wanted)
+            self.send_internal(";".join([*_RESET_SESSION, *([sets] if sets else [])]), _settings_applied)
+        elif wanted != self.applied:
+            sql = set_statements(wanted, self.applied)
+            if sql:
+                self.send_internal(sql, _settings_applied)
+            self.applied = dict(wanted)
+        wanted_sql = sql_prepared or {}
+        if wanted_sql != self.sql_prepared:
+            self._apply_prepared(wanted_sql)
+
+    def _apply_prepared(self, wanted: dict[str, str]) -> None:
+        """Give this connection exactly a client's SQL-level prepared statements (PREPARE texts)."""
+        for name, text in self.sql_prepared.items():
+            if wanted.get(name) != text:
+                self.send_internal(f"DEALLOCATE {quote_ident(name)}")
+        for name, text in wanted.items():
+            if self.sql_prepared.get(name) != text:
+                # a failure (the statement no longer analyses) shows when the client EXECUTEs it
+                self.send_internal(text)
+        self.sql_prepared = dict(wanted)
 
     @property
     def busy(self) -> bool:
         return bool(self._internal) or self.outstanding > 0
-
-    def write(self, data: bytes | memoryview, syncs: int) -> None:
-        if not self._writable():
-            return
-        self.outstanding += syncs
-        self.transport.write(data)  # type: ignore[union-attr]
 
     # --- cancel requests ----------------------------------------------------------------
 
@@ -317,7 +518,7 @@ class ServerConnection(asyncio.Protocol):
         self.close_reason = reason
         client, self.client = self.client, None
         pending, self._internal = list(self._internal), deque()
-        for done in pending:
+        for done, _ in pending:
             if done is not None:
                 done(self, b"", {"S": "FATAL", "C": "08006", "M": reason})
         if client is not None:

@@ -314,11 +314,15 @@ def test_unreported_set_does_not_leak_to_the_next_client(make_proxy: Callable[..
                                  " current_user").fetchone()
         setter.execute("set search_path = pg_catalog")
         setter.execute("set statement_timeout = '1234ms'")
-        setter.execute("set role hp_other_role")
+        setter.execute("set role hp_other_role")  # pins the setter to the one server connection...
+        setter.execute("reset role")  # ...until it is undone
         assert other.execute("select current_setting('search_path'), current_setting('statement_timeout'),"
                              " current_user").fetchone() == defaults
         assert other.execute("show application_name").fetchone() == ("other",)
         assert setter.execute("show application_name").fetchone() == ("setter",)
+        # the setter's own settings follow it to whichever server connection runs its next transaction
+        assert setter.execute("select current_setting('search_path'), current_setting('statement_timeout'),"
+                              " current_user").fetchone() == ("pg_catalog", "1234ms", OWNER)
     assert proxy.state.databases[APPDB].pool.stats.opened == 1
 
 

@@ -16,6 +16,7 @@ Nothing here imports asyncio or touches a socket.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
@@ -145,21 +146,27 @@ Event = Chunk | Message
 
 
 # What MessageRelay does with a message type (see MessageRelay._kind_table).
-_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH = range(8)
-_STREAMED = (_PASS, _THROUGH)  # forwarded as they arrive, even in pieces; never buffered
+_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH, _TALLY, _CHECK = range(10)
+_STREAMED = (_PASS, _THROUGH, _TALLY)  # forwarded as they arrive, even in pieces; never buffered
+# Recorded in ``MessageRelay.seen`` in place of a message the relay did not forward (intercepted).
+INTERCEPTED_MARK = 0xFF
+
+# A checked type's rule: the payload prefixes it may pass with, and a predicate on
+# (data, payload start, payload end) that makes it intercepted anyway.
+CheckRule = tuple[tuple[bytes, ...], "Callable[[bytes, int, int], bool] | None"]
 
 
 @lru_cache(maxsize=64)
 def _kind_table(valid: frozenset[int] | None, count: frozenset[int], settle: frozenset[int],
                 intercept: frozenset[int], watch: frozenset[int], flag: frozenset[int],
-                through: frozenset[int]) -> tuple[int, ...]:
+                through: frozenset[int], tally: frozenset[int], check: frozenset[int]) -> tuple[int, ...]:
     """What a relay does with each type byte (looked up once per message on the hot path).
 
     A pure function of its arguments, cached: every session builds relays from the same few sets.
     """
     # earlier entries win when a type is in several sets
-    precedence = ((count, _COUNT), (settle, _SETTLE), (intercept, _INTERCEPT), (watch, _WATCH), (flag, _FLAG),
-                  (through, _THROUGH))
+    precedence = ((intercept, _INTERCEPT), (check, _CHECK), (count, _COUNT), (settle, _SETTLE), (watch, _WATCH),
+                  (flag, _FLAG), (through, _THROUGH), (tally, _TALLY))
 
     def kind_of(msg_type: int) -> int:
         if valid is not None and msg_type not in valid:
@@ -184,17 +191,32 @@ class MessageRelay:
     message. A *settle* message (CopyDone) clears it again, but only when
     everything since the last counted message was of a *through* type
     (CopyData). *Flag* types only set ``flagged`` when their payload starts
-    with one of ``flag_prefixes``. Messages of other types are never copied:
-    their bytes flow through even when they arrive in pieces.
+    with one of ``flag_prefixes``. *Tally* types are forwarded and counted in
+    ``tallied`` since the last counted message or message of type
+    ``tally_reset`` (``errored`` tells whether one of them was of
+    ``error_type``, which is tallied even when watched). A *checked* type is forwarded when its
+    payload starts with one of its rule's prefixes and its rule's predicate
+    (if any) is false for the payload; otherwise it is intercepted (a checked
+    type that is also a counted type is counted either way). Messages of
+    other types are never copied: their bytes flow through even when they
+    arrive in pieces.
+
+    With ``record`` on, the type byte of every message that is not of a
+    through or settle type is appended to ``seen`` in stream order, and
+    :data:`INTERCEPTED_MARK` for each intercepted one: the caller learns the
+    sequence of requests it forwarded without decoding them.
     """
 
-    __slots__ = ("_body_left", "_kinds", "_partial", "count", "counted", "flag_prefixes", "flag_types",
-                 "flagged", "intercept", "last_byte", "last_counted", "max_length", "settle", "tail", "tail_other",
-                 "through", "valid", "watch")
+    __slots__ = ("_body_left", "_kinds", "_partial", "checks", "count", "counted", "error_type", "errored",
+                 "flag_prefixes", "flag_types", "flagged", "intercept", "last_byte", "last_counted", "max_length",
+                 "record", "seen", "settle", "tail", "tail_other", "tallied", "tally", "tally_reset", "through",
+                 "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
                  valid: bytes | None = None, count: bytes = b"", flag: bytes = b"",
-                 flag_prefixes: tuple[bytes, ...] = (), settle: bytes = b"", through: bytes = b"") -> None:
+                 flag_prefixes: tuple[bytes, ...] = (), settle: bytes = b"", through: bytes = b"",
+                 tally: bytes = b"", error_type: int = -1, tally_reset: int = -1,
+                 checks: dict[int, CheckRule] | None = None, record: bool = False) -> None:
         self.max_length = max_length
         # Messages of a settle type are forwarded and clear ``tail`` without being counted,
         # when only messages of a through type were forwarded since the last counted one.
@@ -206,7 +228,14 @@ class MessageRelay:
         self.flagged = False
         # When given, any other message type is a protocol violation.
         self.valid = None if valid is None else frozenset(valid)
-        self.set_types(watch=watch, intercept=intercept, count=count)
+        self.checks: dict[int, CheckRule] = dict(checks or {})
+        self.record = record
+        self.seen = bytearray()
+        self.error_type = error_type
+        self.tally_reset = tally_reset  # a watched or intercepted type that resets the tally like a counted one
+        self.tallied = 0
+        self.errored = False
+        self.set_types(watch=watch, intercept=intercept, count=count, tally=tally)
         self.counted = 0
         self.last_byte = 0
         self.last_counted = 0  # type byte of the last counted message
@@ -215,13 +244,16 @@ class MessageRelay:
         self._body_left = 0  # bytes still to pass through of an unwatched message
         self._partial = bytearray()  # an incomplete header or watched message
 
-    def set_types(self, *, watch: bytes = b"", intercept: bytes = b"", count: bytes = b"") -> None:
-        """Change which types are watched, intercepted or counted (between feeds)."""
+    def set_types(self, *, watch: bytes = b"", intercept: bytes = b"", count: bytes = b"",
+                  tally: bytes | None = None) -> None:
+        """Change which types are watched, intercepted, counted or tallied (between feeds)."""
         self.watch = frozenset(watch)
         self.intercept = frozenset(intercept)
         self.count = frozenset(count)
+        if tally is not None:
+            self.tally = frozenset(tally)
         self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types,
-                                  self.through)
+                                  self.through, self.tally, frozenset(self.checks))
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -257,13 +289,18 @@ class MessageRelay:
         _check_length(msg_type, length, self.max_length)
         if self.valid is not None and msg_type not in self.valid:
             raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
-        if self._kinds[msg_type] in _STREAMED:
+        kind = self._kinds[msg_type]
+        if kind in _STREAMED:
             # Only the header was pending: pass it on and stream the body.
             body_left = length - 4 - (len(partial) - 5)
             events.append(bytes(partial))
             self.tail = True
-            if self._kinds[msg_type] != _THROUGH:
+            if kind != _THROUGH:
                 self.tail_other = True
+                if kind == _TALLY:
+                    self.tallied += 1
+                if self.record:
+                    self.seen.append(msg_type)
             partial.clear()
             take = min(body_left, len(view) - pos)
             if take:
@@ -280,18 +317,39 @@ class MessageRelay:
             self._complete(msg_type, raw, events)
         return pos
 
+    def _passes(self, msg_type: int, data: bytes, start: int, stop: int) -> bool:
+        prefixes, predicate = self.checks[msg_type]
+        return data.startswith(prefixes, start) and (predicate is None or not predicate(data, start, stop))
+
     def _complete(self, msg_type: int, raw: bytes, events: list[Event]) -> None:
         """A special message that arrived in pieces: the same decisions as in _scan."""
         kind = self._kinds[msg_type]
+        if kind == _CHECK:
+            counts = msg_type in self.count
+            if self._passes(msg_type, raw, 5, len(raw)):
+                events.append(raw)
+                if self.record:
+                    self.seen.append(msg_type)
+            else:
+                events.append(Message(msg_type, raw[5:]))
+                if self.record:
+                    self.seen.append(INTERCEPTED_MARK)
+            if counts:
+                self._counted(msg_type, raw[-1])
+            else:
+                self.tail = self.tail_other = True
+            return
         if kind == _INTERCEPT:
             events.append(Message(msg_type, raw[5:]))
+            if self.record:
+                self.seen.append(INTERCEPTED_MARK)
+            self._tally_watched(msg_type)
             return
         events.append(raw)
+        if self.record and kind != _SETTLE:
+            self.seen.append(msg_type)
         if kind == _COUNT:
-            self.counted += 1
-            self.last_byte = raw[-1]
-            self.last_counted = msg_type
-            self.tail = self.tail_other = False
+            self._counted(msg_type, raw[-1])
         elif kind == _SETTLE:
             if not self.tail_other:
                 self.tail = False
@@ -299,15 +357,37 @@ class MessageRelay:
             self.tail = self.tail_other = True
             if raw.startswith(self.flag_prefixes, 5):
                 self.flagged = True
+            if msg_type in self.tally:
+                self.tallied += 1
         else:
             events.append(Message(msg_type, raw[5:]))
             self.tail = self.tail_other = True
+            self._tally_watched(msg_type)
+
+    def _tally_watched(self, msg_type: int) -> None:
+        if msg_type == self.error_type:
+            self.tallied += 1
+            self.errored = True
+        elif msg_type == self.tally_reset:
+            self.tallied = 0
+            self.errored = False
+        elif msg_type in self.tally:
+            self.tallied += 1
+
+    def _counted(self, msg_type: int, last: int) -> None:
+        self.counted += 1
+        self.last_byte = last
+        self.last_counted = msg_type
+        self.tail = self.tail_other = False
+        self.tallied = 0
+        self.errored = False
 
     def _scan(self, data: bytes, pos: int, events: list[Event]) -> None:
         kinds, max_length, streamed = self._kinds, self.max_length, _STREAMED
         end = len(data)
         run_start = pos
         tail, other = self.tail, self.tail_other
+        record = self.record
         unpack = _HEADER_BI.unpack_from
         while end - pos >= 5:
             msg_type, length = unpack(data, pos)
@@ -317,8 +397,12 @@ class MessageRelay:
             kind = kinds[msg_type]
             if kind in streamed:
                 tail = True
-                if kind == _PASS:
+                if kind != _THROUGH:
                     other = True
+                    if kind == _TALLY:
+                        self.tallied += 1
+                    if record:
+                        self.seen.append(msg_type)
                 if msg_end > end:
                     self._body_left = msg_end - end
                     pos = end
@@ -329,11 +413,29 @@ class MessageRelay:
                 raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
             if msg_end > end:
                 break
-            if kind == _COUNT:
+            if kind == _CHECK:
+                passes = self._passes(msg_type, data, pos + 5, msg_end)
+                if not passes:
+                    if pos > run_start:
+                        events.append(_slice(data, run_start, pos))
+                    run_start = msg_end
+                    events.append(Message(msg_type, bytes(data[pos + 5 : msg_end])))
+                if record:
+                    self.seen.append(msg_type if passes else INTERCEPTED_MARK)
+                if msg_type in self.count:
+                    self._counted(msg_type, data[msg_end - 1])
+                    tail = other = False
+                else:
+                    tail = other = True
+            elif kind == _COUNT:
                 self.counted += 1
                 self.last_byte = data[msg_end - 1]
                 self.last_counted = msg_type
+                self.tallied = 0
+                self.errored = False
                 tail = other = False
+                if record:
+                    self.seen.append(msg_type)
             elif kind == _SETTLE:
                 if not other:
                     tail = False
@@ -341,13 +443,22 @@ class MessageRelay:
                 tail = other = True
                 if data.startswith(self.flag_prefixes, pos + 5):
                     self.flagged = True
+                if msg_type in self.tally:
+                    self.tallied += 1
+                if record:
+                    self.seen.append(msg_type)
             else:
                 if kind == _INTERCEPT:
                     if pos > run_start:
                         events.append(_slice(data, run_start, pos))
+                    if record:
+                        self.seen.append(INTERCEPTED_MARK)
                 else:
                     events.append(_slice(data, run_start, msg_end))
                     tail = other = True
+                    if record:
+                        self.seen.append(msg_type)
+                self._tally_watched(msg_type)
                 run_start = msg_end
                 events.append(Message(msg_type, bytes(data[pos + 5 : msg_end])))
             pos = msg_end

@@ -119,6 +119,64 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 
 
 TERMINATE = _msg(b"X")
+SYNC = _msg(b"S")
+PARSE_COMPLETE = _msg(b"1")
+CLOSE_COMPLETE = _msg(b"3")
+
+
+# --- extended query protocol: statement names (hyperpool renames them) -----------------------
+
+
+def _cstring_at(payload: bytes, start: int) -> tuple[bytes, int]:
+    """The NUL-terminated string at ``start`` and the offset after its NUL."""
+    end = payload.find(b"\x00", start)
+    if end < 0:
+        raise ProtocolViolation("string field is not NUL-terminated")
+    return payload[start:end], end + 1
+
+
+def decode_parse(payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """Parse: (statement name, query text, the parameter-type part as sent: int16 count + OIDs)."""
+    name, pos = _cstring_at(payload, 0)
+    sql, pos = _cstring_at(payload, pos)
+    types = payload[pos:]
+    if len(types) < 2 or len(types) != 2 + 4 * struct.unpack_from("!h", types)[0]:
+        raise ProtocolViolation("invalid Parse message")
+    return name, sql, types
+
+
+def parse(name: bytes, sql: bytes, types: bytes) -> bytes:
+    return _msg(b"P", name + b"\x00" + sql + b"\x00" + types)
+
+
+def decode_bind_names(payload: bytes) -> tuple[bytes, bytes, int]:
+    """Bind: (portal name, statement name, offset of the rest of the payload)."""
+    portal, pos = _cstring_at(payload, 0)
+    statement, pos = _cstring_at(payload, pos)
+    return portal, statement, pos
+
+
+def bind_renamed(payload: bytes, portal: bytes, statement: bytes, rest: int) -> bytes:
+    """The Bind message ``payload`` came from, naming ``statement`` instead."""
+    return _msg(b"B", portal + b"\x00" + statement + b"\x00" + payload[rest:])
+
+
+def decode_target(payload: bytes) -> tuple[int, bytes]:
+    """Describe / Close: (b'S' or b'P' as int, name)."""
+    if len(payload) < 2:
+        raise ProtocolViolation("invalid Describe or Close message")
+    name, pos = _cstring_at(payload, 1)
+    if pos != len(payload):
+        raise ProtocolViolation("invalid Describe or Close message")
+    return payload[0], name
+
+
+def describe(kind: bytes, name: bytes) -> bytes:
+    return _msg(b"D", kind + name + b"\x00")
+
+
+def close(kind: bytes, name: bytes) -> bytes:
+    return _msg(b"C", kind + name + b"\x00")
 
 
 # --- decoders ------------------------------------------------------------------------------
@@ -198,3 +256,25 @@ def decode_password(payload: bytes) -> bytes:
     if not payload.endswith(b"\x00"):
         raise ProtocolViolation("password packet is not NUL-terminated")
     return payload[:-1]
+
+
+def decode_data_row(payload: bytes) -> list[str | None]:
+    """A DataRow's columns as text (hyperpool only reads rows of its own queries)."""
+    if len(payload) < 2:
+        raise ProtocolViolation("invalid DataRow")
+    (count,) = struct.unpack_from("!h", payload, 0)
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        if pos + 4 > len(payload):
+            raise ProtocolViolation("invalid DataRow")
+        (length,) = _I32.unpack_from(payload, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        values.append(payload[pos : pos + length].decode(errors="replace"))
+        pos += length
+    if pos != len(payload):
+        raise ProtocolViolation("invalid DataRow")
+    return values
