@@ -572,7 +572,13 @@ class ClientSession(asyncio.Protocol):
         limit = self.database.config.pool.max_prepared_statements
         while len(server.prepared) >= limit:
             victim, _ = server.prepared.popitem(last=False)
-            server.record_edit(SWALLOW_CLOSE)
+
+            def evicted(ok: bool, victim: bytes = victim) -> None:
+                if not ok:  # skipped after an error: the server still has it
+                    server.prepared[victim] = None
+                    server.prepared.move_to_end(victim, last=False)
+
+            server.record_edit(SWALLOW_CLOSE, b"", evicted)
             out.append(messages.close(b"S", victim))
 
     def _prepare_on(self, server: ServerConnection, stmt: Statement, out: list[bytes]) -> None:
