@@ -350,10 +350,36 @@ class ClientSession(asyncio.Protocol):
         kinds = reader.seen
         reader.seen = bytearray()
         self._unsynced = reader.tail
+        server = self.server
         if len(events) == 1 and type(events[0]) is not Message:
-            self._forward([(events[0], syncs, kinds)])  # type: ignore[list-item]  # the common case
+            if server is not None and not self._queued:  # the common case: a transaction's bytes
+                server.record(kinds)
+                server.transmit(events[0], syncs)  # type: ignore[arg-type]
+            else:
+                self._forward([(events[0], syncs, kinds)])  # type: ignore[list-item]
+        elif len(events) == 2 and server is not None and not self._queued and self._bind_prepared(events, kinds):
+            return  # the common case with prepared statements: Bind of one this connection has
         elif events:
             self._forward_mixed(events, kinds)
+
+    def _bind_prepared(self, events: list[bytes | memoryview | Message], kinds: bytearray) -> bool:
+        """Bind + (Execute, Sync...) of a statement the attached server connection already has."""
+        msg, rest = events
+        if type(msg) is not Message or msg.type != _BIND or type(rest) is Message or kinds[:1] != _MARK:
+            return False
+        portal, name, offset = messages.decode_bind_names(msg.payload)
+        stmt = self.statements.get(name)
+        server = self.server
+        assert server is not None
+        if stmt is None or stmt.name not in server.prepared:
+            return False
+        server.prepared.move_to_end(stmt.name)
+        self._bound.append(stmt)
+        kinds[0] = _BIND
+        server.record(kinds)
+        server.transmit(messages.bind_renamed(msg.payload, portal, stmt.name, offset) + rest,  # type: ignore[operator]
+                        _syncs(kinds))
+        return True
 
     def _forward_mixed(self, events: list[bytes | memoryview | Message], kinds: bytearray) -> None:
         """Bytes and intercepted messages, in order; ``kinds`` has a mark for each intercepted one."""

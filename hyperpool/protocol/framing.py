@@ -319,7 +319,7 @@ class MessageRelay:
 
     def _passes(self, msg_type: int, data: bytes, start: int, stop: int) -> bool:
         prefixes, predicate = self.checks[msg_type]
-        return data.startswith(prefixes, start) and (predicate is None or not predicate(data, start, stop))
+        return data.startswith(prefixes, start, stop) and (predicate is None or not predicate(data, start, stop))
 
     def _complete(self, msg_type: int, raw: bytes, events: list[Event]) -> None:
         """A special message that arrived in pieces: the same decisions as in _scan."""

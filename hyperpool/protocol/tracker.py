@@ -32,6 +32,7 @@ FAKE = 0x03  # hyperpool answers a client request itself with the entry's bytes
 FAIL = 0x04  # a request sent to make the server fail (and skip to Sync): its ErrorResponse is replaced
 
 TERMINATORS = frozenset(b"SQF")  # answered by ReadyForQuery
+_SYNC = 0x53  # after an error the server skips everything, Query and FunctionCall too, up to a Sync
 _NOT_ANSWERED = frozenset(b"Hdcf")  # Flush, CopyData, CopyDone, CopyFail: no completion of their own
 _PARSE, _BIND, _CLOSE, _DESCRIBE, _EXECUTE = b"PBCDE"
 _Z, _E, _T, _N, _CC, _EMPTY, _SUSPENDED = b"ZETnCIs"
@@ -95,7 +96,7 @@ class ResponseTracker:
 
     def push(self, kind: int, data: Answer = b"", outcome: Outcome | None = None) -> None:
         if self.skipping:
-            if kind not in TERMINATORS:
+            if kind != _SYNC:
                 if outcome is not None:
                     outcome(False)  # the server skips it (or would have): it never happens
                 return
@@ -118,6 +119,8 @@ class ResponseTracker:
             while entries:
                 kind, _, outcome = entries.popleft()
                 if kind in TERMINATORS:
+                    if outcome is not None:
+                        outcome(True)
                     break
                 if outcome is not None:
                     outcome(False)  # skipped after an error
@@ -126,7 +129,7 @@ class ResponseTracker:
             out.append(entries[0][1] if front == FAIL else raw)  # type: ignore[arg-type]
             if front not in TERMINATORS:
                 self._finish(False)  # the failing request
-                while entries and entries[0][0] not in TERMINATORS:
+                while entries and entries[0][0] != _SYNC:
                     self._finish(False)  # skipped up to the Sync
                 self.skipping = not entries
         elif msg_type == _PARSE_COMPLETE and front in (_PARSE, SWALLOW_PARSE, FAIL):

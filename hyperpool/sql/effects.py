@@ -108,7 +108,9 @@ def _judge(kind: str, node: dict[str, Any]) -> tuple[str | None, bool]:
         return None, True
     if kind == "VariableSetStmt":
         if node.get("name") in ("role", "session_authorization"):
-            setting = node.get("kind") not in ("VAR_RESET", "VAR_RESET_ALL", "VAR_SET_DEFAULT")
+            args = node.get("args", [])
+            to_none = len(args) == 1 and args[0].get("A_Const", {}).get("sval", {}).get("sval") == "none"
+            setting = node.get("kind") not in ("VAR_RESET", "VAR_RESET_ALL", "VAR_SET_DEFAULT") and not to_none
             return ("role" if setting and not node.get("is_local") else None), True
         return None, True
     if kind == "DeclareCursorStmt":
@@ -189,8 +191,11 @@ def refusal_sql(reasons: tuple[str, ...], database: str) -> str:
     message = (f"{what} cannot be used through hyperpool's transaction pooling on database \"{database}\" "
                "(pinning: refuse)")
     hint = "Use a session-pooled database entry for this, or set pinning: allow."
-    return ("DO $hyperpool$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
-            f"MESSAGE = {_literal(message)}, HINT = {_literal(hint)}; END$hyperpool$")
+    body = f"BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {_literal(message)}, HINT = {_literal(hint)}; END"
+    tag = "$hyperpool$"
+    while tag in body:  # a dollar-quote tag that cannot end the body early
+        tag = tag[:-1] + "_$"
+    return f"DO {tag}{body}{tag}"
 
 
 def _literal(text: str) -> str:
