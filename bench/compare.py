@@ -368,6 +368,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=1, help="pgbench -i scale factor (default 1)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per target, interleaved; median reported")
     parser.add_argument("--modes", default="simple", help="comma-separated pgbench -M modes (simple,extended,prepared)")
+    parser.add_argument("--scenarios", default="S,C",
+                        help="comma-separated scenarios: S (pgbench -S) and C (-S -C, a new connection per "
+                             "transaction); default both")
     parser.add_argument("--pool-size", type=int, default=20, help="server pool size of both poolers (default 20)")
     parser.add_argument("--pgbouncer-userlist", choices=("scram", "plain"), default="scram",
                         help="what PgBouncer's auth_file holds: the SCRAM secret copied from pg_authid (default; "
@@ -465,7 +468,9 @@ def bench(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     setup_postgres(pg, args.scale)
     targets = start_targets(stack, pg, workdir, args)
     machine = machine_info(pg, args, any(t.key == "pgbouncer" and not t.skipped for t in targets))
-    rows = [run_row(targets, scenario, mode, args) for scenario in SCENARIOS for mode in args.modes]
+    wanted = {name.strip().upper() for name in args.scenarios.split(",")}
+    scenarios = [sc for sc in SCENARIOS if sc.goal_label.lstrip("-") in wanted]
+    rows = [run_row(targets, scenario, mode, args) for scenario in scenarios for mode in args.modes]
     print_report(machine, rows, targets)
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(machine, rows, targets), indent=2) + "\n")

@@ -21,13 +21,14 @@ PREFIX = b"_hp_"
 class Statement:
     """One distinct statement and its current hyperpool-wide name."""
 
-    __slots__ = ("name", "parse", "sql", "types", "verified")
+    __slots__ = ("name", "parse", "sql", "stateful", "types", "verified")
 
     def __init__(self, name: bytes, sql: bytes, types: bytes) -> None:
         self.sql = sql
         self.types = types
         self.name = name
         self.verified = False  # a server connection has accepted its Parse
+        self.stateful = False  # running it may change session state (see sql.effects)
         self.parse = messages.parse(name, sql, types)  # the Parse message that prepares it
 
     def rename(self, name: bytes) -> None:

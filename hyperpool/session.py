@@ -56,6 +56,9 @@ _MARK = bytes((INTERCEPTED_MARK,))
 _QUERY, _PARSE, _BIND, _DESCRIBE, _CLOSE = b"QPBDC"
 _STATEMENT = ord("S")
 _DEALLOCATED = messages.command_complete("DEALLOCATE")
+# Flush asks the server to send what it has: it neither starts nor continues a transaction
+# (psycopg's executemany sends Sync then Flush), and with no server attached there is nothing to flush.
+_FLUSH = b"H"
 
 
 def check_rules(look: sql_effects.Predicate) -> dict[int, CheckRule]:
@@ -325,7 +328,7 @@ class ClientSession(asyncio.Protocol):
         self._look = sql_effects.worth_parsing_refusing if self._refusing else sql_effects.worth_parsing
         self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END, through=b"d",
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES,
-                                    checks=check_rules(self._look), record=True)
+                                    checks=check_rules(self._look), record=True, neutral=_FLUSH)
         rest = self._setup.take_rest()
         if rest:
             self._relay(rest)
@@ -351,6 +354,15 @@ class ClientSession(asyncio.Protocol):
         reader.seen = bytearray()
         self._unsynced = reader.tail
         server = self.server
+        if server is None and kinds and kinds.count(_FLUSH) == len(kinds) and not self._queued and \
+                self._attach_task is None:
+            return  # only Flush, and nothing pending anywhere
+        if server is None and events and self._attach_task is None and not self.state.shutting_down and \
+                (type(events[0]) is not Message or events[0].type != _TERMINATE):  # type: ignore[union-attr]
+            assert self.database is not None
+            server = self.database.pool.try_acquire()  # the hot path: an idle server, no task
+            if server is not None:
+                self._use_server(server)
         if len(events) == 1 and type(events[0]) is not Message:
             if server is not None and not self._queued:  # the common case: a transaction's bytes
                 server.record(kinds)
@@ -371,7 +383,7 @@ class ClientSession(asyncio.Protocol):
         stmt = self.statements.get(name)
         server = self.server
         assert server is not None
-        if stmt is None or stmt.name not in server.prepared:
+        if stmt is None or stmt.name not in server.prepared or stmt.stateful:
             return False
         server.prepared.move_to_end(stmt.name)
         self._bound.append(stmt)
@@ -569,6 +581,7 @@ class ClientSession(asyncio.Protocol):
             out.append(messages.parse(old.name, b"", b"\x00\x00"))
             return
         stmt = self.state.statements.get(sql, types, self.wanted.get("search_path"))
+        stmt.stateful = effects.check_after
         self.statements[name] = stmt
 
         def outcome(ok: bool) -> None:
@@ -640,6 +653,9 @@ class ClientSession(asyncio.Protocol):
             if isinstance(target, Statement):
                 self._prepare_on(server, target, out)
                 self._bound.append(target)
+                if target.stateful:  # e.g. set_config(): each execution may change session state
+                    server.state_changed = True
+                    server.dirty_for = self
                 target = target.name
             if target != name:
                 raw = messages.bind_renamed(msg.payload, portal, target, rest)
@@ -826,8 +842,11 @@ class ClientSession(asyncio.Protocol):
         if self._server_reading_paused and server.transport is not None and not server.closed:
             server.transport.resume_reading()  # or the reset's answer would never be read
         self._server_reading_paused = False
-        if server.closed or server.busy or self._unsynced or server.cancels_in_flight:
+        if server.closed or server.outstanding or self._unsynced or server.cancels_in_flight:
             pool.discard(server, "client disconnected mid-query")
+            return
+        if server.busy:  # only hyperpool's own queries run (e.g. the read-back of the session state)
+            server.when_internal_done(lambda: self._return_server(server))
             return
         steps = (["ROLLBACK"] if server.tx_status != b"I" else []) + \
             (["DISCARD ALL"] if self.pool_mode == "session" or self.pins or server.state_changed else [])

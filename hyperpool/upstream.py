@@ -161,6 +161,7 @@ class ServerConnection(asyncio.Protocol):
         self.tracker: ResponseTracker | None = None  # set while responses are tracked one by one
         self._internal: deque[tuple[InternalDone | None, Rows | None]] = deque()
         self._internal_error: dict[str, str] | None = None
+        self._internal_drained: list[Callable[[], None]] = []
         self._setup: FrameBuffer | None = FrameBuffer(max_length=1 << 20)
         self._waiter: asyncio.Future[None] | None = None
         self._relay = MessageRelay(watch=_FAST_WATCH, count=_FAST_COUNT, flag=b"C", flag_prefixes=_STATE_TAGS,
@@ -422,6 +423,17 @@ class ServerConnection(asyncio.Protocol):
             log.warning("internal query on server connection failed: %s", error.get("M"))
         if done is not None:
             done(self, self.tx_status, error)
+        if not self._internal and self._internal_drained:
+            callbacks, self._internal_drained = self._internal_drained, []
+            for callback in callbacks:
+                callback()
+
+    def when_internal_done(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once none of hyperpool's own queries is in flight (not if the connection dies)."""
+        if self._internal:
+            self._internal_drained.append(callback)
+        else:
+            callback()
 
     def send_internal(self, sql: str | bytes, done: InternalDone | None = None, rows: Rows | None = None) -> None:
         """Run ``sql`` (or send raw extended-protocol messages ending in Sync) for hyperpool itself;

@@ -47,8 +47,7 @@ async def _client_work(proxy: ProxyRunner, client_id: int, rounds: int) -> list[
     tz = TIMEZONES[client_id % len(TIMEZONES)]
     problems: list[str] = []
     dsn = proxy.dsn(application_name=f"client{client_id}", options=f"-c TimeZone={tz}")
-    # prepare_threshold=None: named prepared statements across transactions are issue #3's work
-    async with await psycopg.AsyncConnection.connect(dsn, prepare_threshold=None) as conn:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
         for n in range(rounds):
             async with conn.transaction():
                 txid = (await (await conn.execute("select txid_current()")).fetchone())[0]  # type: ignore[index]
@@ -105,8 +104,7 @@ def test_asyncpg_clients_share_few_servers(make_proxy: Callable[..., ProxyRunner
 
     async def one(i: int) -> tuple[int, str]:
         conn = await asyncpg.connect(host="127.0.0.1", port=proxy.port, user=APP_USER, password=APP_PASSWORD,
-                                     database=APPDB, server_settings={"application_name": f"apg{i}"},
-                                     statement_cache_size=0)
+                                     database=APPDB, server_settings={"application_name": f"apg{i}"})
         try:
             async with conn.transaction():
                 value = await conn.fetchval("select $1::int * 2", i)
@@ -275,7 +273,7 @@ def test_pipelined_simple_queries_keep_their_server(make_proxy: Callable[..., Pr
         pids = [p for k, p in msgs if k == b"D"]
         assert len(pids) == 3 and pids[0] == pids[2]
         assert [p for k, p in msgs if k == b"Z"] == [b"T", b"T", b"T", b"T", b"I"]
-    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn, conn.pipeline():
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, conn.pipeline():
         cursors = [conn.execute("select %s::int", (i,)) for i in range(20)]
         conn.execute("select pg_sleep(0.01)")
         values = [c.fetchone() for c in cursors]
@@ -423,7 +421,7 @@ def test_no_state_left_behind_after_many_clients(make_proxy: Callable[..., Proxy
 
     async def churn(i: int) -> None:
         conn = await asyncpg.connect(host="127.0.0.1", port=proxy.port, user=APP_USER, password=APP_PASSWORD,
-                                     database=APPDB, statement_cache_size=0)
+                                     database=APPDB)
         try:
             if i % 3 == 0:
                 tx = conn.transaction()

@@ -249,3 +249,44 @@ def test_pinned_client_keeps_its_server_until_state_is_gone(make_proxy: Callable
                 break
             time.sleep(0.02)
         assert proxy.run(lambda: [s.pins for s in sessions]) == [()]
+
+
+def copy_data(text: str) -> bytes:
+    return message(b"d", text.encode())
+
+
+def test_copy_fail_in_both_protocols(proxy: ProxyRunner) -> None:
+    a = raw_login(proxy.port)
+    assert kinds(exchange(a, query_msg("create temp table if not exists cf (a int)")))[-1:] == b"Z"
+    # simple protocol: COPY FROM STDIN, some data, then CopyFail
+    a.sendall(query_msg("copy cf from stdin"))
+    assert kinds(read_messages(a, until=b"G")) == b"G"
+    msgs = exchange(a, copy_data("1\n") + message(b"f", b"client gave up\0"))
+    assert errors(msgs) == ["57014"] and kinds(msgs).endswith(b"Z")
+    # extended protocol: the same, with the Sync sent before the copy data
+    a.sendall(parse("", "copy cf from stdin") + bind("") + execute() + SYNC)
+    assert kinds(read_messages(a, until=b"G")) == b"12G"
+    # PostgreSQL ignored that Sync during copy-in: after the CopyFail it skips to the next one
+    msgs = exchange(a, copy_data("2\n") + message(b"f", b"no\0") + SYNC)
+    assert errors(msgs) == ["57014"] and kinds(msgs) == b"EZ"
+    # nothing was copied, and the connection goes on in step
+    assert rows(exchange(a, query_msg("select count(*) from cf"))) == [["0"]]
+    a.sendall(query_msg("copy cf from stdin"))
+    read_messages(a, until=b"G")
+    assert kinds(exchange(a, copy_data("3\n") + message(b"c"))) == b"CZ"
+    assert rows(exchange(a, query_msg("select a from cf"))) == [["3"]]
+    a.close()
+
+
+def test_notices_and_parameter_status_reach_their_client(make_proxy: Callable[..., ProxyRunner]) -> None:
+    proxy = make_proxy(db={"pool_size": 1, "min_pool_size": 1})
+    a, b = raw_login(proxy.port), raw_login(proxy.port)
+    msgs = exchange(a, query_msg("do $$ begin raise notice 'for a only'; end $$"))
+    assert [k for k, _ in msgs] == [b"N", b"C", b"Z"] and b"for a only" in msgs[0][1]
+    msgs = exchange(a, query_msg("set application_name = 'renamed_a'"))
+    assert (b"S", b"application_name\0renamed_a\0") in msgs
+    msgs = exchange(b, query_msg("select current_setting('application_name')"))
+    assert b"N" not in kinds(msgs) and b"renamed_a" not in b"".join(p for _, p in msgs)
+    assert rows(exchange(a, query_msg("select current_setting('application_name')"))) == [["renamed_a"]]
+    a.close()
+    b.close()

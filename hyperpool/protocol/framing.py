@@ -146,8 +146,8 @@ Event = Chunk | Message
 
 
 # What MessageRelay does with a message type (see MessageRelay._kind_table).
-_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH, _TALLY, _CHECK = range(10)
-_STREAMED = (_PASS, _THROUGH, _TALLY)  # forwarded as they arrive, even in pieces; never buffered
+_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH, _TALLY, _CHECK, _NEUTRAL = range(11)
+_STREAMED = (_PASS, _THROUGH, _TALLY, _NEUTRAL)  # forwarded as they arrive, even in pieces; never buffered
 # Recorded in ``MessageRelay.seen`` in place of a message the relay did not forward (intercepted).
 INTERCEPTED_MARK = 0xFF
 
@@ -159,14 +159,15 @@ CheckRule = tuple[tuple[bytes, ...], "Callable[[bytes, int, int], bool] | None"]
 @lru_cache(maxsize=64)
 def _kind_table(valid: frozenset[int] | None, count: frozenset[int], settle: frozenset[int],
                 intercept: frozenset[int], watch: frozenset[int], flag: frozenset[int],
-                through: frozenset[int], tally: frozenset[int], check: frozenset[int]) -> tuple[int, ...]:
+                through: frozenset[int], tally: frozenset[int], check: frozenset[int],
+                neutral: frozenset[int]) -> tuple[int, ...]:
     """What a relay does with each type byte (looked up once per message on the hot path).
 
     A pure function of its arguments, cached: every session builds relays from the same few sets.
     """
     # earlier entries win when a type is in several sets
     precedence = ((intercept, _INTERCEPT), (check, _CHECK), (count, _COUNT), (settle, _SETTLE), (watch, _WATCH),
-                  (flag, _FLAG), (through, _THROUGH), (tally, _TALLY))
+                  (flag, _FLAG), (through, _THROUGH), (tally, _TALLY), (neutral, _NEUTRAL))
 
     def kind_of(msg_type: int) -> int:
         if valid is not None and msg_type not in valid:
@@ -209,19 +210,21 @@ class MessageRelay:
 
     __slots__ = ("_body_left", "_kinds", "_partial", "checks", "count", "counted", "error_type", "errored",
                  "flag_prefixes", "flag_types", "flagged", "intercept", "last_byte", "last_counted", "max_length",
-                 "record", "seen", "settle", "tail", "tail_other", "tallied", "tally", "tally_reset", "through",
-                 "valid", "watch")
+                 "neutral", "record", "seen", "settle", "tail", "tail_other", "tallied", "tally", "tally_reset",
+                 "through", "valid", "watch")
 
     def __init__(self, watch: bytes = b"", intercept: bytes = b"", max_length: int = 1 << 30,
                  valid: bytes | None = None, count: bytes = b"", flag: bytes = b"",
                  flag_prefixes: tuple[bytes, ...] = (), settle: bytes = b"", through: bytes = b"",
                  tally: bytes = b"", error_type: int = -1, tally_reset: int = -1,
-                 checks: dict[int, CheckRule] | None = None, record: bool = False) -> None:
+                 checks: dict[int, CheckRule] | None = None, record: bool = False, neutral: bytes = b"") -> None:
         self.max_length = max_length
         # Messages of a settle type are forwarded and clear ``tail`` without being counted,
         # when only messages of a through type were forwarded since the last counted one.
         self.settle = frozenset(settle)
         self.through = frozenset(through)
+        # Messages of a neutral type (Flush) are forwarded and recorded but change no other state.
+        self.neutral = frozenset(neutral)
         # Messages of a flag type whose payload starts with one of flag_prefixes set ``flagged``.
         self.flag_types = frozenset(flag)
         self.flag_prefixes = flag_prefixes
@@ -253,7 +256,7 @@ class MessageRelay:
         if tally is not None:
             self.tally = frozenset(tally)
         self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types,
-                                  self.through, self.tally, frozenset(self.checks))
+                                  self.through, self.tally, frozenset(self.checks), self.neutral)
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -294,13 +297,17 @@ class MessageRelay:
             # Only the header was pending: pass it on and stream the body.
             body_left = length - 4 - (len(partial) - 5)
             events.append(bytes(partial))
-            self.tail = True
-            if kind != _THROUGH:
-                self.tail_other = True
-                if kind == _TALLY:
-                    self.tallied += 1
+            if kind == _NEUTRAL:
                 if self.record:
                     self.seen.append(msg_type)
+            else:
+                self.tail = True
+                if kind != _THROUGH:
+                    self.tail_other = True
+                    if kind == _TALLY:
+                        self.tallied += 1
+                    if self.record:
+                        self.seen.append(msg_type)
             partial.clear()
             take = min(body_left, len(view) - pos)
             if take:
@@ -396,13 +403,17 @@ class MessageRelay:
             msg_end = pos + 1 + length
             kind = kinds[msg_type]
             if kind in streamed:
-                tail = True
-                if kind != _THROUGH:
-                    other = True
-                    if kind == _TALLY:
-                        self.tallied += 1
+                if kind == _NEUTRAL:
                     if record:
                         self.seen.append(msg_type)
+                else:
+                    tail = True
+                    if kind != _THROUGH:
+                        other = True
+                        if kind == _TALLY:
+                            self.tallied += 1
+                        if record:
+                            self.seen.append(msg_type)
                 if msg_end > end:
                     self._body_left = msg_end - end
                     pos = end
