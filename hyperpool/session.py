@@ -147,7 +147,6 @@ class ClientSession(asyncio.Protocol):
         self.sql_prepared: dict[str, str] = {}  # the client's SQL-level prepared statements: name -> PREPARE
         self.pins: tuple[str, ...] = ()  # why the client keeps its server connection between transactions
         self._bound: deque[Statement] = deque(maxlen=4)  # statements bound lately (for a result-shape change)
-        self._discarding = False  # a DEALLOCATE ALL / DISCARD ALL went to the server
         self._unsynced = False  # bytes went to the server after the last Query/Sync
         self._server_reading_paused = False
         self._client_reading_paused = False
@@ -554,7 +553,10 @@ class ClientSession(asyncio.Protocol):
             server.state_changed = True
             server.dirty_for = self
         if effects.deallocates_all:
-            self._discarding = True
+            # the client's protocol-level statements are gone now, as in PostgreSQL (on every connection);
+            # the server connection's own list is corrected by the read-back after the transaction
+            self.statements.clear()
+            server.forget_statements()
 
     def _parse(self, server: ServerConnection, msg: Message, out: list[bytes]) -> None:
         name, sql, types = messages.decode_parse(msg.payload)
@@ -749,10 +751,10 @@ class ClientSession(asyncio.Protocol):
         for gone in known:
             if gone not in protocol:
                 server.prepared.pop(gone, None)  # deallocated (DISCARD ALL, DEALLOCATE ALL)
-        if self._discarding:
-            self._discarding = False
-            if not protocol:
-                self.statements.clear()  # the client's own DISCARD ALL / DEALLOCATE ALL went through
+        for present in protocol:
+            if present.startswith(PREFIX) and present not in server.prepared:
+                server.prepared[present] = None  # still there (a DISCARD ALL that failed)
+                server.prepared.move_to_end(present, last=False)
         if tuple(pins) != self.pins:
             log.debug("client %s pinned: %s", self.key[0], ", ".join(pins) or "no longer")
         self.pins = tuple(pins)

@@ -146,8 +146,10 @@ Event = Chunk | Message
 
 
 # What MessageRelay does with a message type (see MessageRelay._kind_table).
-_PASS, _COUNT, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID, _THROUGH, _TALLY, _CHECK, _NEUTRAL = range(11)
-_STREAMED = (_PASS, _THROUGH, _TALLY, _NEUTRAL)  # forwarded as they arrive, even in pieces; never buffered
+# The streamed kinds come first: forwarded as they arrive, even in pieces; never buffered.
+_PASS, _TALLY, _THROUGH, _NEUTRAL, _COUNT, _CHECK, _SETTLE, _FLAG, _WATCH, _INTERCEPT, _INVALID = range(11)
+_STREAMED = (_PASS, _TALLY, _THROUGH, _NEUTRAL)
+_LAST_STREAMED = _NEUTRAL
 # Recorded in ``MessageRelay.seen`` in place of a message the relay did not forward (intercepted).
 INTERCEPTED_MARK = 0xFF
 
@@ -390,11 +392,12 @@ class MessageRelay:
         self.errored = False
 
     def _scan(self, data: bytes, pos: int, events: list[Event]) -> None:
-        kinds, max_length, streamed = self._kinds, self.max_length, _STREAMED
+        kinds, max_length = self._kinds, self.max_length
         end = len(data)
         run_start = pos
         tail, other = self.tail, self.tail_other
         record = self.record
+        seen = self.seen
         unpack = _HEADER_BI.unpack_from
         while end - pos >= 5:
             msg_type, length = unpack(data, pos)
@@ -402,18 +405,20 @@ class MessageRelay:
                 _check_length(msg_type, length, max_length)
             msg_end = pos + 1 + length
             kind = kinds[msg_type]
-            if kind in streamed:
-                if kind == _NEUTRAL:
+            if kind <= _LAST_STREAMED:
+                if kind == _PASS:
+                    tail = other = True
                     if record:
-                        self.seen.append(msg_type)
-                else:
+                        seen.append(msg_type)
+                elif kind == _TALLY:
+                    tail = other = True
+                    self.tallied += 1
+                    if record:
+                        seen.append(msg_type)
+                elif kind == _THROUGH:
                     tail = True
-                    if kind != _THROUGH:
-                        other = True
-                        if kind == _TALLY:
-                            self.tallied += 1
-                        if record:
-                            self.seen.append(msg_type)
+                elif record:  # _NEUTRAL
+                    seen.append(msg_type)
                 if msg_end > end:
                     self._body_left = msg_end - end
                     pos = end
@@ -424,21 +429,7 @@ class MessageRelay:
                 raise ProtocolViolation(f"invalid message type {chr(msg_type)!r}")
             if msg_end > end:
                 break
-            if kind == _CHECK:
-                passes = self._passes(msg_type, data, pos + 5, msg_end)
-                if not passes:
-                    if pos > run_start:
-                        events.append(_slice(data, run_start, pos))
-                    run_start = msg_end
-                    events.append(Message(msg_type, bytes(data[pos + 5 : msg_end])))
-                if record:
-                    self.seen.append(msg_type if passes else INTERCEPTED_MARK)
-                if msg_type in self.count:
-                    self._counted(msg_type, data[msg_end - 1])
-                    tail = other = False
-                else:
-                    tail = other = True
-            elif kind == _COUNT:
+            if kind == _COUNT:
                 self.counted += 1
                 self.last_byte = data[msg_end - 1]
                 self.last_counted = msg_type
@@ -446,7 +437,28 @@ class MessageRelay:
                 self.errored = False
                 tail = other = False
                 if record:
-                    self.seen.append(msg_type)
+                    seen.append(msg_type)
+            elif kind == _CHECK:
+                prefixes, predicate = self.checks[msg_type]
+                start = pos + 5
+                passes = data.startswith(prefixes, start, msg_end) and (
+                    predicate is None or not predicate(data, start, msg_end))
+                if not passes:
+                    if pos > run_start:
+                        events.append(_slice(data, run_start, pos))
+                    run_start = msg_end
+                    events.append(Message(msg_type, data[start:msg_end]))
+                if record:
+                    seen.append(msg_type if passes else INTERCEPTED_MARK)
+                if msg_type in self.count:
+                    self.counted += 1
+                    self.last_byte = data[msg_end - 1]
+                    self.last_counted = msg_type
+                    self.tallied = 0
+                    self.errored = False
+                    tail = other = False
+                else:
+                    tail = other = True
             elif kind == _SETTLE:
                 if not other:
                     tail = False
