@@ -60,6 +60,17 @@ class ServerState:
             raise PoolError(f"no more connections allowed to database {database.config.name} "
                             "(max_client_conn)", sqlstate="53300")
 
+    def pinned_clients(self) -> dict[str, dict[str, int]]:
+        """Clients pinned to their server connection: database -> reason -> count (read when asked, e.g.
+        by SHOW or a metrics scrape; nothing is counted on the hot path)."""
+        pinned: dict[str, dict[str, int]] = {}
+        for session in self.sessions:
+            if session.pins and session.database is not None:
+                reasons = pinned.setdefault(session.database.config.name, {})
+                for reason in session.pins:
+                    reasons[reason] = reasons.get(reason, 0) + 1
+        return pinned
+
     def register_cancel_key(self, session: ClientSession) -> tuple[int, int]:
         while True:  # one urandom call for both halves of the key
             raw = secrets.token_bytes(8)

@@ -323,11 +323,14 @@ class ClientSession(asyncio.Protocol):
             return
         self.phase = Phase.READY
         assert self.database is not None
-        self._refusing = self.database.config.pool.pinning == "refuse"
+        transaction_mode = self.pool_mode == "transaction"
+        self._refusing = transaction_mode and self.database.config.pool.pinning == "refuse"
         self._look = sql_effects.worth_parsing_refusing if self._refusing else sql_effects.worth_parsing
+        # In session mode the client keeps its server connection: its statements need no renaming.
         self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END, through=b"d",
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES,
-                                    checks=check_rules(self._look), record=True, neutral=_FLUSH)
+                                    checks=check_rules(self._look) if transaction_mode else None, record=True,
+                                    neutral=_FLUSH)
         rest = self._setup.take_rest()
         if rest:
             self._relay(rest)

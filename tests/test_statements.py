@@ -229,6 +229,7 @@ def test_pinned_client_keeps_its_server_until_state_is_gone(make_proxy: Callable
         pid = conn.execute("select pg_backend_pid()").fetchone()
         sessions = proxy.run(lambda: [s for s in proxy.state.sessions if s.database is database])
         assert [s.pins for s in sessions] == [("advisory_lock",)]
+        assert proxy.run(proxy.state.pinned_clients) == {APPDB: {"advisory_lock": 1}}
         results: list[tuple[int, ...] | None] = []
 
         def others() -> None:
@@ -249,6 +250,7 @@ def test_pinned_client_keeps_its_server_until_state_is_gone(make_proxy: Callable
                 break
             time.sleep(0.02)
         assert proxy.run(lambda: [s.pins for s in sessions]) == [()]
+        assert proxy.run(proxy.state.pinned_clients) == {}
 
 
 def copy_data(text: str) -> bytes:
@@ -290,3 +292,20 @@ def test_notices_and_parameter_status_reach_their_client(make_proxy: Callable[..
     assert rows(exchange(a, query_msg("select current_setting('application_name')"))) == [["renamed_a"]]
     a.close()
     b.close()
+
+
+def test_session_mode_keeps_client_statement_names(make_proxy: Callable[..., ProxyRunner]) -> None:
+    """In session pooling the client keeps its server connection: statements are not renamed."""
+    proxy = make_proxy(pool_mode="session", db={"pool_size": 2})
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for k in range(3):
+            assert conn.execute("select %s::int + 40", (k,)).fetchone() == (k + 40,)
+        names = conn.execute("select name from pg_prepared_statements", prepare=False).fetchall()
+        assert names and all(name.startswith("_pg3_") for (name,) in names)
+
+
+def test_pinning_refuse_does_not_apply_in_session_mode(make_proxy: Callable[..., ProxyRunner]) -> None:
+    proxy = make_proxy(pool_mode="session", db={"pool_size": 1, "pinning": "refuse"})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("listen hp_session_channel")
+        assert conn.execute("select count(*) from pg_listening_channels()").fetchone() == (1,)
