@@ -38,14 +38,36 @@ _PINNING = re.compile(rb"dealloc|discard|advisory|temp|set_config|listen|hold|ro
 Predicate = Callable[[bytes, int, int], bool]
 
 
-def worth_parsing(data: bytes, start: int, stop: int) -> bool:
-    """Whether the statement text ``data[start:stop]`` may have effects (clients allowed to pin)."""
-    return _UNTAGGED.search(data[start:stop].lower()) is not None
+_DIGITS = b"0123456789"
+_MEMO_SIZE = 4096
 
 
-def worth_parsing_refusing(data: bytes, start: int, stop: int) -> bool:
-    """Whether the statement text ``data[start:stop]`` may have effects or pin (``pinning: refuse``)."""
-    return _PINNING.search(data[start:stop].lower()) is not None
+def _memoized(pattern: re.Pattern[bytes]) -> Predicate:
+    """The pattern's verdict on a statement text, memoized per text without its digits.
+
+    Texts that differ only in numbers (``WHERE id = 42``) share a verdict, so the common case costs
+    a translate and a dict lookup instead of a regex scan. Dropping digits can only join letters, so a
+    keyword found before is still found after: the memo may say "look" more often, never less.
+    """
+    memo: dict[bytes, bool] = {}
+
+    def look(data: bytes, start: int, stop: int) -> bool:
+        key = data[start:stop].translate(None, _DIGITS)
+        verdict = memo.get(key)
+        if verdict is None:
+            verdict = pattern.search(key.lower()) is not None
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[key] = verdict
+        return verdict
+
+    return look
+
+
+# Whether the statement text data[start:stop] may have effects (clients allowed to pin) ...
+worth_parsing = _memoized(_UNTAGGED)
+# ... or may have effects or pin (``pinning: refuse``).
+worth_parsing_refusing = _memoized(_PINNING)
 
 
 PIN_REASONS = ("listen", "advisory_lock", "temp_table", "hold_cursor", "role")
