@@ -64,7 +64,7 @@ def client_bytes(mode: str, aid: int) -> bytes:
 
 def answer(mode: str, data: bytes) -> bytes:
     """What PostgreSQL answers to the requests in ``data``."""
-    if data.startswith(b"P\0\0\0") and b"P_1" in data[:20]:  # the prepare
+    if mode == "prepared" and data[:1] == b"P":  # the prepare (under hyperpool's name for P_1)
         return msg(b"1") + msg(b"Z", b"I")
     if mode == "simple":
         return ROW + DONE
