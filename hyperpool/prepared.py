@@ -39,7 +39,7 @@ class Statement:
 class StatementRegistry:
     """Statement key -> shared :class:`Statement`; bounded (the oldest keys are forgotten)."""
 
-    def __init__(self, limit: int = 100_000) -> None:
+    def __init__(self, limit: int = 10_000) -> None:
         self._limit = limit
         self._by_key: OrderedDict[tuple[bytes, bytes, str | None], Statement] = OrderedDict()
         self._ids = itertools.count(1)

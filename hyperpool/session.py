@@ -13,6 +13,7 @@ import logging
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, cast
 
@@ -56,6 +57,10 @@ _MARK = bytes((INTERCEPTED_MARK,))
 _QUERY, _PARSE, _BIND, _DESCRIBE, _CLOSE = b"QPBDC"
 _STATEMENT = ord("S")
 _DEALLOCATED = messages.command_complete("DEALLOCATE")
+_FAILING_PARSE = messages.parse(PREFIX + b"never", b"hyperpool: this Parse fails on purpose", b"\x00\x00")
+# a client's statements beyond this many are refused (hyperpool answers most Parses itself: no server limit applies)
+MAX_CLIENT_STATEMENTS = 10_000
+_UNREAD = "unread_state"  # pin reason: the session-state read-back failed
 # Flush asks the server to send what it has: it neither starts nor continues a transaction
 # (psycopg's executemany sends Sync then Flush), and with no server attached there is nothing to flush.
 _FLUSH = b"H"
@@ -355,6 +360,12 @@ class ClientSession(asyncio.Protocol):
         kinds = reader.seen
         reader.seen = bytearray()
         self._unsynced = reader.tail
+        try:
+            self._route(events, syncs, kinds)
+        except ProtocolViolation as exc:
+            self.fail(ClientProtocolError(str(exc)))  # (a connection out of step is discarded, not reused)
+
+    def _route(self, events: list[bytes | memoryview | Message], syncs: int, kinds: bytearray) -> None:
         server = self.server
         if server is None and kinds and kinds.count(_FLUSH) == len(kinds) and not self._queued and \
                 self._attach_task is None:
@@ -499,12 +510,15 @@ class ClientSession(asyncio.Protocol):
                     server.record(kinds)
                     out.append(data)  # type: ignore[arg-type]
                     syncs += count
-        except ProtocolViolation as exc:
-            self.fail(ClientProtocolError(str(exc)))
+        except (ProtocolViolation, ProxyError) as exc:
+            # requests may be recorded that were never sent: _return_server discards the connection
+            self.fail(exc if isinstance(exc, ProxyError) else ClientProtocolError(str(exc)))
             return
         if out:
             server.transmit(out[0] if len(out) == 1 else b"".join(out), syncs)
-        elif not server.busy:
+        elif server.busy:  # hyperpool answered everything itself while its own query runs
+            server.when_internal_done(lambda: self.server_ready(server, server.tx_status))
+        else:
             self.server_ready(server, server.tx_status)  # hyperpool answered everything itself
 
     # --- intercepted requests -------------------------------------------------------------
@@ -543,9 +557,13 @@ class ClientSession(asyncio.Protocol):
         if effects.statements == 1 and len(effects.deallocates) == 1:
             name = effects.deallocates[0].encode()
             if name in self.statements:  # a protocol-level statement: it only exists in hyperpool
-                del self.statements[name]
-                server.record_edit(FAKE, lambda: _DEALLOCATED + messages.ready_for_query(server.tx_status))
+                server.record_edit(FAKE, lambda: _DEALLOCATED + messages.ready_for_query(server.tx_status),
+                                   self._forget(name))
                 return 0
+            if name.startswith(PREFIX):  # one of hyperpool's own, shared by every client: not the client's
+                server.record(b"Q")
+                out.append(messages.query(f'DEALLOCATE "~{effects.deallocates[0]}"'))
+                return 1
         self._note(server, effects)
         server.record(b"Q")
         out.append(msg.raw)
@@ -577,14 +595,16 @@ class ClientSession(asyncio.Protocol):
             return
         old = self.statements.get(name)
         if old is not None:
-            # PostgreSQL refuses a second Parse of a name; a Parse of hyperpool's name for the existing
-            # statement makes the server fail the same way (and skip to Sync), with the client's name shown
-            self._prepare_on(server, old, out)
+            # PostgreSQL refuses a second Parse of a name: a Parse that cannot succeed makes the server fail
+            # (and skip to Sync) the same way; the client sees PostgreSQL's error for its own name
             error = ProxyError(f'prepared statement "{name.decode(errors="replace")}" already exists',
                                sqlstate="42P05")
             server.record_edit(FAIL, error_response(error))
-            out.append(messages.parse(old.name, b"", b"\x00\x00"))
+            out.append(_FAILING_PARSE)
             return
+        if len(self.statements) >= MAX_CLIENT_STATEMENTS:
+            raise ProxyError(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
+                             sqlstate="53400", fatal=True)
         stmt = self.state.statements.get(sql, types, self.wanted.get("search_path"))
         stmt.stateful = effects.check_after
         self.statements[name] = stmt
@@ -650,6 +670,17 @@ class ClientSession(asyncio.Protocol):
         # unknown here: PostgreSQL says so (an SQL-level PREPAREd name works as in PostgreSQL)
         return b"~" + name if name.startswith(PREFIX) else name
 
+    def _forget(self, name: bytes) -> Callable[[bool], None]:
+        """Forget the client's statement ``name`` now (later requests in the same pipeline must not see
+        it); the returned outcome puts it back if the server skipped the request after an error."""
+        stmt = self.statements.pop(name, None)
+
+        def outcome(ok: bool) -> None:
+            if not ok and stmt is not None and name not in self.statements:
+                self.statements[name] = stmt
+
+        return outcome
+
     def _bind(self, server: ServerConnection, msg: Message, out: list[bytes]) -> None:
         portal, name, rest = messages.decode_bind_names(msg.payload)
         raw = msg.raw
@@ -684,8 +715,7 @@ class ClientSession(asyncio.Protocol):
         if kind == _STATEMENT and name:
             # The statement stays prepared on the server for other clients; PostgreSQL, too, answers
             # CloseComplete for a name that does not exist.
-            self.statements.pop(name, None)
-            server.record_edit(FAKE, messages.CLOSE_COMPLETE)
+            server.record_edit(FAKE, messages.CLOSE_COMPLETE, self._forget(name))
             return
         server.record(b"C")
         out.append(msg.raw)
@@ -700,7 +730,10 @@ class ClientSession(asyncio.Protocol):
         if status != b"I" or self._unsynced or self.pool_mode != "transaction":
             return
         if server.state_changed:
-            self._read_session_state(server)  # decides about releasing when the answer is in
+            if server.cancels_in_flight:  # a cancel must not hit hyperpool's own query
+                server.after_cancels(lambda: self._release_if_idle(server))
+            else:
+                self._read_session_state(server)  # decides about releasing when the answer is in
             return
         if self.pins:
             return  # pinned: the session's state lives on this server connection
@@ -720,7 +753,14 @@ class ClientSession(asyncio.Protocol):
 
         def done(conn: ServerConnection, status: bytes, error: dict[str, str] | None) -> None:
             if error is not None:
-                conn.close(f"reading session state failed: {error.get('M', '')}")
+                if conn.closed or status != b"I":
+                    conn.close(f"reading session state failed: {error.get('M', '')}")
+                    return
+                # e.g. the client's own statement_timeout cut it short, or a late cancel: the state is
+                # unknown, so the client keeps this connection and the next transaction's end tries again
+                log.warning("could not read session state back (%s): client pinned", error.get("M", ""))
+                conn.state_changed = True
+                self.pins = (*[p for p in self.pins if p != _UNREAD], _UNREAD)
                 return
             self._adopt_session_state(conn, rows, known)
             if self.server is conn and not conn.busy:
@@ -754,10 +794,6 @@ class ClientSession(asyncio.Protocol):
         for gone in known:
             if gone not in protocol:
                 server.prepared.pop(gone, None)  # deallocated (DISCARD ALL, DEALLOCATE ALL)
-        for present in protocol:
-            if present.startswith(PREFIX) and present not in server.prepared:
-                server.prepared[present] = None  # still there (a DISCARD ALL that failed)
-                server.prepared.move_to_end(present, last=False)
         if tuple(pins) != self.pins:
             log.debug("client %s pinned: %s", self.key[0], ", ".join(pins) or "no longer")
         self.pins = tuple(pins)
@@ -765,6 +801,10 @@ class ClientSession(asyncio.Protocol):
     def _release_if_idle(self, server: ServerConnection) -> None:
         if self.server is not server or server.busy or self._unsynced or server.tx_status != b"I":
             return  # the client went on (or left) meanwhile; that path decides
+        if server.state_changed or self.pins or server.pending_requests():
+            if server.state_changed and not server.cancels_in_flight:
+                self._read_session_state(server)
+            return  # (a late cancel: the state read-back or the pin decides)
         self._detach(server)
         assert self.database is not None
         self.database.pool.release(server)
@@ -847,7 +887,8 @@ class ClientSession(asyncio.Protocol):
         if self._server_reading_paused and server.transport is not None and not server.closed:
             server.transport.resume_reading()  # or the reset's answer would never be read
         self._server_reading_paused = False
-        if server.closed or server.outstanding or self._unsynced or server.cancels_in_flight:
+        if server.closed or server.outstanding or self._unsynced or server.cancels_in_flight or server.copy_in or \
+                server.pending_requests():
             pool.discard(server, "client disconnected mid-query")
             return
         if server.busy:  # only hyperpool's own queries run (e.g. the read-back of the session state)

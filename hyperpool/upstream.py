@@ -150,6 +150,7 @@ class ServerConnection(asyncio.Protocol):
         self._after_cancels: list[Callable[[], None]] = []
         self.backend_key: tuple[int, int] = (0, 0)
         self.outstanding = 0  # client Query/Sync/FunctionCall not yet answered by ReadyForQuery
+        self.copy_in = False  # in COPY FROM STDIN until the next ReadyForQuery
         self.tx_status = b"I"
         self.closed = False
         self.close_reason = ""
@@ -198,6 +199,7 @@ class ServerConnection(asyncio.Protocol):
         count = relay.counted
         if count:  # ReadyForQuery messages were relayed; the last one's status is last_byte
             relay.counted = 0
+            self.copy_in = False
             self.tx_status = _STATUS[relay.last_byte]
             self._answered(count)
             self.outstanding -= count
@@ -245,16 +247,24 @@ class ServerConnection(asyncio.Protocol):
         """The slow path: events include messages to act on. An intercepted message's bytes are not in
         the runs around it (``intercepted`` = the types intercepted when these events were scanned)."""
         out: list[memoryview | bytes] = []
+        # only hyperpool's queries already in flight can have answers in these events (one sent while
+        # they are handled, e.g. the state read-back after a ReadyForQuery, is answered later)
+        owed = len(self._internal)
         for ev in events:
             if type(ev) is not Message:
-                if not self._internal and self.client is not None:
+                if not owed and self.client is not None:
                     out.append(ev)  # type: ignore[arg-type]
                 continue
             kind = ev.type
-            if self._internal:
+            if owed:
+                if kind == 90:
+                    owed -= 1
                 self._internal_message(kind, ev)
                 continue
             tracker = self.tracker
+            if kind == 90:
+                self.tx_status = ev.payload[:1]  # before the tracker: an answer of hyperpool's may show it
+                self.copy_in = False
             if kind in intercepted:
                 if tracker is not None:
                     tracker.on_response(kind, ev.raw, out)  # type: ignore[arg-type]
@@ -270,7 +280,6 @@ class ServerConnection(asyncio.Protocol):
                 if ev.payload.startswith(_STATE_TAGS):
                     self._state_tag()
             elif kind == 90:  # 'Z' ReadyForQuery
-                self.tx_status = ev.payload[:1]
                 if tracker is None:
                     self._answered(1)
                 self.outstanding -= 1
@@ -320,6 +329,7 @@ class ServerConnection(asyncio.Protocol):
     def _copy_in(self) -> None:
         """COPY FROM STDIN started. PostgreSQL ignores a Sync that reaches it during copy-in, so
         the Sync a client pipelined behind an extended-protocol Execute gets no ReadyForQuery."""
+        self.copy_in = True
         if self.client is not None and self.client.sync_was_last_counted() and self.outstanding > 0:
             self.outstanding -= 1
             if self.tracker is not None:
@@ -489,7 +499,13 @@ class ServerConnection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return bool(self._internal) or self.outstanding > 0
+        return bool(self._internal) or self.outstanding > 0 or self.copy_in
+
+    def pending_requests(self) -> bool:
+        """Whether client requests other than Flush still expect answers (a connection to keep or drop)."""
+        if self.tracker is not None:
+            return bool(self.tracker)
+        return bool(self.requests.replace(b"H", b""))
 
     # --- cancel requests ----------------------------------------------------------------
 

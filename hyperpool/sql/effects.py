@@ -40,6 +40,10 @@ Predicate = Callable[[bytes, int, int], bool]
 
 _DIGITS = b"0123456789"
 _MEMO_SIZE = 4096
+_MEMO_TEXT = 2048  # longer texts are checked every time rather than kept
+# Longer statements are not parsed: they are assumed to change session state (the read-back after
+# the transaction then finds out) and cannot be refused (a bulk INSERT must not stall the event loop).
+MAX_PARSED = 65536
 
 
 def _memoized(pattern: re.Pattern[bytes]) -> Predicate:
@@ -52,6 +56,8 @@ def _memoized(pattern: re.Pattern[bytes]) -> Predicate:
     memo: dict[bytes, bool] = {}
 
     def look(data: bytes, start: int, stop: int) -> bool:
+        if stop - start > _MEMO_TEXT:
+            return pattern.search(data[start:stop].lower()) is not None
         key = data[start:stop].translate(None, _DIGITS)
         verdict = memo.get(key)
         if verdict is None:
@@ -93,13 +99,24 @@ class Effects:
 NO_EFFECTS = Effects()
 
 
-@lru_cache(maxsize=4096)
 def effects(sql: bytes) -> Effects:
     """The effects of one query string (as a client sent it, without the trailing NUL)."""
+    if len(sql) > MAX_PARSED:
+        return UNKNOWN_EFFECTS
+    return _effects(sql) if len(sql) <= _MEMO_TEXT else _effects.__wrapped__(sql)
+
+
+UNKNOWN_EFFECTS = Effects(check_after=True, statements=0)
+
+
+@lru_cache(maxsize=4096)
+def _effects(sql: bytes) -> Effects:
     try:
         tree = pgparse.parse(sql.decode("utf-8", "replace"))
     except pgparse.PGQueryError:
         return Effects(statements=0)
+    except RecursionError:  # deeper than libpg_query's JSON goes; PostgreSQL may accept it
+        return UNKNOWN_EFFECTS
     pins: list[str] = []
     check_after = False
     deallocates: list[str] = []
@@ -182,7 +199,7 @@ def prepare_statement(sql: str, name: str) -> str | None:
     """The ``PREPARE name ...`` statement of a query string (which may hold several statements)."""
     try:
         tree = pgparse.parse(sql)
-    except pgparse.PGQueryError:
+    except (pgparse.PGQueryError, RecursionError):
         return None
     encoded = sql.encode()
     for raw in tree:
