@@ -24,6 +24,9 @@ POOL_MODES = ("transaction", "session")
 PINNING = ("allow", "refuse")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEFAULT_CONFIG_PATH = "config/hyperpool.yaml"
+DEFAULT_METRICS_PORT = 9930
+ADMIN_DATABASES = ("hyperpool", "pgbouncer")  # virtual databases of the admin console
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,14 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The HTTP endpoint for Prometheus (/metrics) and health checks (/healthz, /readyz)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_METRICS_PORT
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 6432
@@ -94,6 +105,10 @@ class Config:
     max_packet_size: int = 256 * 1024 * 1024
     client_login_timeout: float = 60.0
     log_level: str = "info"
+    log_format: str = "text"
+    log_slow_query_ms: float = 0.0  # 0: off
+    metrics: MetricsConfig | None = None  # None: no HTTP endpoint
+    admin_users: tuple[str, ...] = ()  # users allowed on the admin console
     source: str = "<defaults>"
 
 
@@ -148,6 +163,12 @@ def _int(value: Any, key: str, lo: int, hi: int) -> int:
 def _seconds(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ConfigError(f"{key}: expected a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _milliseconds(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: expected a non-negative number of milliseconds, got {value!r}")
     return float(value)
 
 
@@ -261,8 +282,29 @@ def _tls(raw: Any) -> TLSConfig | None:
     return TLSConfig(**paths)
 
 
-_TOP_KEYS = {f.name for f in fields(Config)} - {"listen_host", "listen_port", "pool", "source"}
-_TOP_KEYS |= {"listen"} | POOL_KEYS
+_TOP_KEYS = {f.name for f in fields(Config)} - {"listen_host", "listen_port", "pool", "source", "admin_users"}
+_TOP_KEYS |= {"listen", "admin"} | POOL_KEYS
+
+
+def _metrics(value: Any) -> MetricsConfig | None:
+    if value is None:
+        return None
+    section = _mapping(value, "metrics")
+    _check_keys(section, {"host", "port"}, "metrics")
+    return MetricsConfig(host=_str(section.get("host", "127.0.0.1"), "metrics.host"),
+                         port=_int(section.get("port", DEFAULT_METRICS_PORT), "metrics.port", 0, 65535))
+
+
+def _admin_users(value: Any, users: Mapping[str, UserConfig]) -> tuple[str, ...]:
+    section = _mapping(value, "admin")
+    _check_keys(section, {"users"}, "admin")
+    names = section.get("users", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError("admin.users: expected a list of user names")
+    for name in names:
+        if name not in users:
+            raise ConfigError(f"admin.users: {name!r} is not in users")
+    return tuple(names)
 
 
 def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") -> Config:
@@ -274,6 +316,9 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
     pool = _pool_settings(top, PoolSettings(), "")
     users = {str(n): _user(str(n), raw) for n, raw in _mapping(top.get("users"), "users").items()}
     dbs = {str(n): _database(str(n), raw, pool) for n, raw in _mapping(top.get("databases"), "databases").items()}
+    for name in ADMIN_DATABASES:
+        if name in dbs:
+            raise ConfigError(f"databases.{name}: reserved for the admin console")
     auth_type = _choice(top.get("auth_type", "scram-sha-256"), "auth_type", AUTH_TYPES)
     if auth_type == "md5":
         for user in users.values():
@@ -298,6 +343,10 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
         max_packet_size=_int(top.get("max_packet_size", 256 * 1024 * 1024), "max_packet_size", 1024, 1 << 30),
         client_login_timeout=_seconds(top.get("client_login_timeout", 60.0), "client_login_timeout"),
         log_level=_choice(top.get("log_level", "info"), "log_level", ("debug", "info", "warning", "error")),
+        log_format=_choice(top.get("log_format", "text"), "log_format", LOG_FORMATS),
+        log_slow_query_ms=_milliseconds(top.get("log_slow_query_ms", 0), "log_slow_query_ms"),
+        metrics=_metrics(top.get("metrics")),
+        admin_users=_admin_users(top.get("admin"), users),
         source=source,
     )
 

@@ -72,7 +72,7 @@ def test_example_loads_with_the_values_it_shows() -> None:
 def test_example_uses_every_key() -> None:
     text = EXAMPLE.read_text()
     written = set(re.findall(r"^[ #]*([a-z_]+):", text, flags=re.MULTILINE))
-    accepted = config_module._TOP_KEYS | config_module._DB_KEYS | {"host", "port", "cert", "key", "password"}
+    accepted = config_module._TOP_KEYS | config_module._DB_KEYS | {"host", "port", "cert", "key", "password", "users"}
     assert accepted - written == set()
 
 
@@ -91,7 +91,7 @@ def test_example_default_comments_match_the_code() -> None:
     db = cfg.databases["appdb"]
     code_defaults: dict[tuple[int, str], Any] = {
         (0, name): getattr(cfg.pool if name in config_module.POOL_KEYS else cfg, name)
-        for name in config_module._TOP_KEYS - {"listen", "users", "databases", "tls"}
+        for name in config_module._TOP_KEYS - {"listen", "users", "databases", "tls", "metrics", "admin"}
     }
     code_defaults |= {(2, "host"): cfg.listen_host, (2, "port"): cfg.listen_port}
     code_defaults |= {(4, "host"): db.host, (4, "port"): db.port, (4, "sslmode"): db.sslmode}
@@ -459,3 +459,34 @@ def test_passwd_user_names_needing_quotes(monkeypatch: pytest.MonkeyPatch, capsy
     assert _passwd(monkeypatch, name, "s3cret\n") == 0
     fragment = yaml.safe_load(capsys.readouterr().out)
     assert list(fragment) == [name]
+
+
+def test_metrics_admin_and_logging_keys() -> None:
+    cfg = parse_config(BASE, {})
+    assert (cfg.metrics, cfg.admin_users, cfg.log_format, cfg.log_slow_query_ms) == (None, (), "text", 0.0)
+    users = {"app": {"password": "x"}, "ops": {"password": "y"}}
+    cfg = parse_config({**BASE, "users": users, "metrics": {"host": "0.0.0.0"}, "admin": {"users": ["ops"]},
+                        "log_format": "json", "log_slow_query_ms": 250}, {})
+    assert cfg.metrics is not None and (cfg.metrics.host, cfg.metrics.port) == ("0.0.0.0", 9930)
+    assert (cfg.admin_users, cfg.log_format, cfg.log_slow_query_ms) == (("ops",), "json", 250.0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"admin": {"users": ["nobody"]}}, "admin.users: 'nobody' is not in users"),
+    ({"admin": {"users": "app"}}, "admin.users: expected a list"),
+    ({"admin": {"roles": []}}, "admin"),
+    ({"metrics": {"port": 70000}}, "metrics.port"),
+    ({"metrics": {"path": "/x"}}, "metrics"),
+    ({"log_format": "xml"}, "log_format"),
+    ({"log_slow_query_ms": -1}, "log_slow_query_ms"),
+])
+def test_metrics_admin_and_logging_errors(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({**BASE, **change}, {})
+
+
+@pytest.mark.parametrize("name", ["hyperpool", "pgbouncer"])
+def test_admin_database_names_are_reserved(name: str) -> None:
+    databases = {name: {"host": "127.0.0.1", "user": "app"}}
+    with pytest.raises(ConfigError, match=f"databases.{name}: reserved"):
+        parse_config({**BASE, "databases": databases}, {})
