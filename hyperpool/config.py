@@ -25,6 +25,9 @@ PINNING = ("allow", "refuse")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEFAULT_CONFIG_PATH = "config/hyperpool.yaml"
 DEFAULT_METRICS_PORT = 9930
+DEFAULT_LISTEN_PORT = 6432
+# the HTTP endpoint's paths (metrics: {host, port})
+METRICS_PATH, HEALTH_PATH, READY_PATH = "/metrics", "/healthz", "/readyz"
 ADMIN_DATABASES = ("hyperpool", "pgbouncer")  # virtual databases of the admin console
 LOG_FORMATS = ("text", "json")
 
@@ -94,7 +97,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class Config:
     listen_host: str = "127.0.0.1"
-    listen_port: int = 6432
+    listen_port: int = DEFAULT_LISTEN_PORT
     auth_type: str = "scram-sha-256"
     allow_cleartext_over_tcp: bool = False
     users: Mapping[str, UserConfig] = field(default_factory=dict)
@@ -332,7 +335,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
                 )
     return Config(
         listen_host=_str(listen.get("host", "127.0.0.1"), "listen.host"),
-        listen_port=_int(listen.get("port", 6432), "listen.port", 0, 65535),
+        listen_port=_int(listen.get("port", DEFAULT_LISTEN_PORT), "listen.port", 0, 65535),
         auth_type=auth_type,
         allow_cleartext_over_tcp=_bool(top.get("allow_cleartext_over_tcp", False), "allow_cleartext_over_tcp"),
         users=users,
