@@ -16,6 +16,7 @@ from hyperpool.config import DatabaseConfig
 from hyperpool.errors import UpstreamErrorResponse
 from hyperpool.pool import Pool
 from hyperpool.protocol import messages
+from hyperpool.stats import DatabaseStats
 from hyperpool.upstream import TRACKED_REPORTED, ServerConnection, open_server, set_statements
 
 _MAX_VALIDATED = 1024
@@ -28,9 +29,12 @@ class Database:
         self.server_params: dict[str, str] | None = None
         self._validated: dict[frozenset[tuple[str, str]], tuple[bytes, dict[str, str]]] = {}
         self.clients = 0
+        self.stats = DatabaseStats()
 
     async def _connect(self) -> ServerConnection:
-        return await open_server(self.config, self.config.pool.server_connect_timeout)
+        conn = await open_server(self.config, self.config.pool.server_connect_timeout)
+        conn.stats = self.stats
+        return conn
 
     def reconfigure(self, config: DatabaseConfig) -> None:
         """Apply a reloaded config; an origin change retires the old connections as they come back."""

@@ -47,6 +47,10 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.statements = StatementRegistry()  # protocol-level prepared statements, hyperpool-wide names
         self.shutting_down = False
+        self.started = time.monotonic()
+        # set by Server: what the admin console's RELOAD and SHUTDOWN do
+        self.reload_hook: Callable[[], bool] | None = None
+        self.shutdown_hook: Callable[[], None] | None = None
 
     # --- clients ------------------------------------------------------------------------
 
@@ -126,6 +130,8 @@ class Server:
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.state = ServerState(config)
+        self.state.reload_hook = self.reload
+        self.state.shutdown_hook = self.request_shutdown
         self.config_path = config_path
         self._listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()

@@ -12,12 +12,15 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, cast
 
 from hyperpool import auth
+from hyperpool.admin import AdminConsole
+from hyperpool.config import ADMIN_DATABASES
 from hyperpool.database import Database
 from hyperpool.errors import ClientProtocolError, PoolError, ProxyError, UpstreamError, error_response
 from hyperpool.prepared import PREFIX, Statement
@@ -125,6 +128,12 @@ def client_settings(params: dict[str, str]) -> dict[str, str]:
     return settings
 
 
+def _address(info: object) -> tuple[str, int]:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return str(info[0]), int(info[1])
+    return ("unix", 0)
+
+
 class ClientSession(asyncio.Protocol):
     """The server side of one client connection."""
 
@@ -158,15 +167,27 @@ class ClientSession(asyncio.Protocol):
         self._writing_paused = False  # the client's transport buffer is over its high-water mark
         self._loop = asyncio.get_running_loop()  # once: each call costs a getpid() on 3.11
         self._handshaking = False
+        self._attached_at = 0.0  # when the current server connection was taken (loop time)
+        self.waiting_since: float | None = None  # monotonic time the client started waiting for a server
+        self.connected_at = time.time()
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self._admin: AdminConsole | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.peer = _address(transport.get_extra_info("peername"))
+        self.local = _address(transport.get_extra_info("sockname"))
         self.state.sessions.add(self)
         self._login_task = self._loop.create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
+        if self._admin is not None:
+            self._setup.feed(data)
+            self._admin_requests()
+            return
         if self._reader is None:
             self._setup.feed(data)
             if self._waiter is not None and not self._waiter.done():
@@ -310,6 +331,9 @@ class ClientSession(asyncio.Protocol):
         auth_ok = await auth.authenticate(self, self.state.config, self.user, self.tls)
         self.wanted = client_settings(params)  # checked after authentication, as PostgreSQL does
         db_name = params.get("database") or self.user
+        if db_name in ADMIN_DATABASES:
+            self._start_admin(auth_ok)
+            return
         database = self.state.databases.get(db_name)
         if database is None:
             self.send(auth_ok)  # PostgreSQL, too, checks the database after authentication
@@ -323,8 +347,54 @@ class ClientSession(asyncio.Protocol):
         # one write for the end of authentication and the whole welcome
         self.send(auth_ok + shown + messages.backend_key_data(*self.key) + _READY_IDLE)
 
+    # --- the admin console ------------------------------------------------------------------
+
+    def _start_admin(self, auth_ok: bytes) -> None:
+        if self.user not in self.state.config.admin_users:
+            self.send(auth_ok)
+            raise ProxyError("not allowed to use the admin console", sqlstate="42501", fatal=True,
+                             hint="list the user in admin.users")
+        self._admin = AdminConsole(self.state, self.state.started)
+        shown = b"".join(messages.parameter_status(k, v) for k, v in (
+            ("server_version", "15.0 (hyperpool admin console)"), ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("integer_datetimes", "on"),
+            ("standard_conforming_strings", "on")))
+        self.phase = Phase.READY
+        self.send(auth_ok + shown + messages.backend_key_data(0, 0) + _READY_IDLE)
+        self._admin_requests()
+
+    def _admin_requests(self) -> None:
+        """Run every complete admin request; one ReadyForQuery after each."""
+        admin = self._admin
+        assert admin is not None
+        while self.phase is Phase.READY:
+            try:
+                msg = self._setup.next_message()
+            except ProtocolViolation as exc:
+                self.fail(ClientProtocolError(str(exc)))
+                return
+            if msg is None:
+                return
+            if msg.type == _TERMINATE:
+                self._close_transport()
+                return
+            if msg.type != _QUERY:
+                self.send(error_response(ProxyError("the admin console speaks only the simple query protocol",
+                                                    sqlstate="08P01")))
+                if msg.type == _SYNC:
+                    self.send(_READY_IDLE)
+                continue
+            try:
+                reply = admin.execute(msg.payload[:-1].decode(errors="replace"))
+            except ProxyError as exc:
+                reply = error_response(exc)
+            except Exception as exc:  # never a traceback to the client, never a dead console
+                log.exception("admin command failed")
+                reply = error_response(exc)
+            self.send(reply + _READY_IDLE)
+
     def _start_relay(self) -> None:
-        if self.phase is not Phase.LOGIN:
+        if self.phase is not Phase.LOGIN or self._admin is not None:
             return
         self.phase = Phase.READY
         assert self.database is not None
@@ -476,6 +546,8 @@ class ClientSession(asyncio.Protocol):
 
     async def _attach(self) -> None:
         assert self.database is not None
+        started = self._loop.time()
+        self.waiting_since = time.monotonic()
         try:
             server = await self.database.pool.acquire()
         except ProxyError as exc:
@@ -483,6 +555,10 @@ class ClientSession(asyncio.Protocol):
             return
         finally:
             self._attach_task = None
+            self.waiting_since = None
+            stats = self.database.stats
+            stats.waits += 1
+            stats.wait_time += self._loop.time() - started
         if self.phase is not Phase.READY:
             self.database.pool.release(server)
             return
@@ -491,6 +567,7 @@ class ClientSession(asyncio.Protocol):
     def _use_server(self, server: ServerConnection) -> None:
         self.server = server
         server.client = self
+        self._attached_at = self._loop.time()
         if self._writing_paused:
             self._pause_server()
         server.apply_settings(self, self.wanted, self.sql_prepared)
@@ -807,6 +884,7 @@ class ClientSession(asyncio.Protocol):
             return  # (a late cancel: the state read-back or the pin decides)
         self._detach(server)
         assert self.database is not None
+        self.database.stats.transaction_time += self._loop.time() - self._attached_at
         self.database.pool.release(server)
         if self.state.shutting_down:
             self.fail(_ADMIN_SHUTDOWN)

@@ -24,6 +24,7 @@ from hyperpool.errors import UpstreamError
 from hyperpool.protocol import messages, scram
 from hyperpool.protocol.framing import FrameBuffer, Message, MessageRelay, ProtocolViolation
 from hyperpool.protocol.tracker import FAKE, TERMINATORS, Answer, Outcome, ResponseTracker
+from hyperpool.stats import DatabaseStats
 
 log = logging.getLogger("hyperpool.upstream")
 
@@ -157,6 +158,8 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.on_close: Callable[[ServerConnection], None] | None = None
+        self.stats = DatabaseStats()  # the database's totals (Database sets its own)
+        self._busy_since = 0.0
         # Fast path: the request types sent and not yet answered by a ReadyForQuery (see protocol.tracker).
         self.requests = bytearray()
         self.tracker: ResponseTracker | None = None  # set while responses are tracked one by one
@@ -192,6 +195,7 @@ class ServerConnection(asyncio.Protocol):
             self._dispatch(events, intercepted)
             return
         client = self.client
+        self.stats.sent += len(data)
         if len(events) == 1 and client is not None and type(events[0]) is not Message:
             client.server_data(events[0])  # type: ignore[arg-type]  # the hot path: one run of bytes
         else:
@@ -205,6 +209,7 @@ class ServerConnection(asyncio.Protocol):
             self.outstanding -= count
             if self.outstanding <= 0:
                 self.outstanding = 0
+                self._idle_again()
                 client = self.client
                 if client is not None:
                     client.server_ready(self, self.tx_status)
@@ -285,6 +290,7 @@ class ServerConnection(asyncio.Protocol):
                 self.outstanding -= 1
                 if self.outstanding <= 0:
                     self.outstanding = 0
+                    self._idle_again()
                     if tracker is not None and not tracker:
                         self._stop_tracking()
                     if self.client is not None:
@@ -357,8 +363,21 @@ class ServerConnection(asyncio.Protocol):
         """Send a client's bytes (already recorded with :meth:`record` / :meth:`record_edit`)."""
         if not self._writable():
             return
+        stats = self.stats
+        if syncs:
+            if not self.outstanding:
+                self._busy_since = time.monotonic()
+            stats.queries += syncs
+        stats.received += len(data)
         self.outstanding += syncs
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def _idle_again(self) -> None:
+        """The client's last request is answered."""
+        stats = self.stats
+        stats.query_time += time.monotonic() - self._busy_since
+        if self.tx_status == b"I":
+            stats.transactions += 1
 
     def record(self, kinds: bytes | bytearray) -> None:
         """Requests forwarded as the client sent them, by type byte, in order."""

@@ -72,6 +72,19 @@ def row_description(names: Iterable[str]) -> bytes:
     return _msg(b"T", b"".join(out))
 
 
+def row_description_typed(columns: Iterable[tuple[str, int]]) -> bytes:
+    """A text-format RowDescription: (column name, type OID) pairs."""
+    cols = list(columns)
+    out = [struct.pack("!h", len(cols))]
+    for name, oid in cols:
+        size = 8 if oid == 20 else -1
+        out.append(_cstr(name) + struct.pack("!ihihih", 0, 0, oid, size, -1, 0))
+    return _msg(b"T", b"".join(out))
+
+
+EMPTY_QUERY = b"I\x00\x00\x00\x04"
+
+
 def data_row(values: Iterable[str | None]) -> bytes:
     vals = list(values)
     out = [struct.pack("!h", len(vals))]
