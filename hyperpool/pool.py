@@ -12,11 +12,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from hyperpool.config import PoolSettings
 from hyperpool.errors import PoolError, ProxyError, UpstreamError
+from hyperpool.stats import close_category
 
 log = logging.getLogger("hyperpool.pool")
 
@@ -42,6 +43,7 @@ class PoolStats:
     closed: int = 0
     connect_failures: int = 0
     wait_timeouts: int = 0
+    closed_reasons: dict[str, int] = field(default_factory=dict)  # stats.close_category -> count
 
 
 class Pool(Generic[C]):
@@ -177,7 +179,7 @@ class Pool(Generic[C]):
         if not conn.closed:
             conn.close(reason)
         if tracked:
-            self.stats.closed += 1
+            self._count_closed(reason)
 
     def _expired(self, conn: C) -> bool:
         lifetime = self.settings.server_lifetime
@@ -187,8 +189,24 @@ class Pool(Generic[C]):
         """Called by a connection that died on its own (e.g. pg_terminate_backend)."""
         if conn in self.idle or conn in self.active:
             self.idle.remove(conn) if conn in self.idle else self.active.discard(conn)
-            self.stats.closed += 1
+            self._count_closed("server lost")
             self._grow()
+
+    def _count_closed(self, reason: str) -> None:
+        self.stats.closed += 1
+        category = close_category(reason)
+        self.stats.closed_reasons[category] = self.stats.closed_reasons.get(category, 0) + 1
+
+    def warm_up(self) -> None:
+        """Open one connection if there is none (readiness wants a warm connection per database)."""
+        if self.closed or self.size or self.connecting:
+            return
+        self.connecting += 1
+        self._spawn(self._open_one(self.generation))
+
+    @property
+    def last_error(self) -> str:
+        return self._last_failure[1].message if self._last_failure else ""
 
     # --- opening connections ------------------------------------------------------------
 

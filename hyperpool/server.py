@@ -19,6 +19,7 @@ from typing import Any
 from hyperpool.config import Config, load_config
 from hyperpool.database import Database
 from hyperpool.errors import ConfigError, PoolError
+from hyperpool.metrics import MetricsServer
 from hyperpool.prepared import StatementRegistry
 from hyperpool.session import ClientSession
 
@@ -32,6 +33,12 @@ def client_tls_context(config: Config) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.tls.cert, config.tls.key)
     return ctx
+
+
+# Login failures by SQLSTATE, in bounded categories (metric labels).
+LOGIN_FAILURES = {"28P01": "password", "28000": "rejected", "42501": "not_admin", "3D000": "no_database",
+                  "53300": "too_many_clients", "08P01": "protocol", "0A000": "unsupported", "08006": "connection",
+                  "57P03": "shutting_down"}
 
 
 class ServerState:
@@ -51,6 +58,8 @@ class ServerState:
         # set by Server: what the admin console's RELOAD and SHUTDOWN do
         self.reload_hook: Callable[[], bool] | None = None
         self.shutdown_hook: Callable[[], None] | None = None
+        self.listening = False
+        self.login_failures: dict[str, int] = {}  # reason (LOGIN_FAILURES) -> count
 
     # --- clients ------------------------------------------------------------------------
 
@@ -63,6 +72,23 @@ class ServerState:
         elif database.clients >= database.config.pool.max_client_conn:
             raise PoolError(f"no more connections allowed to database {database.config.name} "
                             "(max_client_conn)", sqlstate="53300")
+
+    def count_login_failure(self, sqlstate: str) -> None:
+        reason = LOGIN_FAILURES.get(sqlstate, "other")
+        self.login_failures[reason] = self.login_failures.get(reason, 0) + 1
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready: listening, not shutting down, and a warm connection to every database (one is opened
+        for a database that has none, so a later check can succeed)."""
+        problems = []
+        if not self.listening or self.shutting_down:
+            problems.append("not listening" if not self.shutting_down else "shutting down")
+        for name, database in sorted(self.databases.items()):
+            pool = database.pool
+            if not pool.idle and not pool.active:
+                pool.warm_up()
+                problems.append(f"{name}: no warm connection" + (f" ({pool.last_error})" if pool.last_error else ""))
+        return not problems, problems
 
     def pinned_clients(self) -> dict[str, dict[str, int]]:
         """Clients pinned to their server connection: database -> reason -> count (read when asked, e.g.
@@ -136,6 +162,7 @@ class Server:
         self._listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
+        self.metrics: MetricsServer | None = None
 
     @property
     def port(self) -> int:
@@ -148,6 +175,10 @@ class Server:
         self._listener = await loop.create_server(
             lambda: ClientSession(self.state), cfg.listen_host, cfg.listen_port, reuse_address=True, backlog=1024)
         self._maintainer = loop.create_task(self._maintain_forever())
+        self.state.listening = True
+        if cfg.metrics is not None:
+            self.metrics = MetricsServer(self.state)
+            await self.metrics.start(cfg.metrics.host, cfg.metrics.port)
         self.state.maintain()
         log.info("hyperpool listening on %s:%d (%d databases, pool_mode %s)", cfg.listen_host, self.port,
                  len(self.state.databases), cfg.pool.pool_mode)
@@ -200,6 +231,9 @@ class Server:
         if self._maintainer is not None:
             self._maintainer.cancel()
         await asyncio.gather(*(db.pool.close() for db in state.databases.values()))
+        state.listening = False
+        if self.metrics is not None:
+            await self.metrics.close()
         log.info("hyperpool stopped")
         self._stopped.set()
 

@@ -38,6 +38,7 @@ from hyperpool.protocol.framing import (
 )
 from hyperpool.protocol.tracker import FAIL, FAKE, SWALLOW_CLOSE, SWALLOW_PARSE
 from hyperpool.sql import effects as sql_effects
+from hyperpool.stats import count_error
 from hyperpool.upstream import Rows, ServerConnection, send_cancel, snapshot_sql
 
 if TYPE_CHECKING:
@@ -259,6 +260,10 @@ class ClientSession(asyncio.Protocol):
             log.info("client connection failed during login: %s", exc)
             self._close_transport()  # nothing readable can be sent on a broken TLS stream
         except ProxyError as exc:
+            self.state.count_login_failure(exc.sqlstate)
+            if exc.sqlstate.startswith("28"):
+                log.info("client authentication failed for user %r from %s: %s", self.user, self.peer[0],
+                         exc.message)
             self.fail(exc)
         except asyncio.CancelledError:
             raise
@@ -557,8 +562,10 @@ class ClientSession(asyncio.Protocol):
             self._attach_task = None
             self.waiting_since = None
             stats = self.database.stats
+            waited = self._loop.time() - started
             stats.waits += 1
-            stats.wait_time += self._loop.time() - started
+            stats.wait_time += waited
+            stats.wait_histogram.observe(waited)
         if self.phase is not Phase.READY:
             self.database.pool.release(server)
             return
@@ -934,6 +941,8 @@ class ClientSession(asyncio.Protocol):
         """Report ``exc`` to the client as an ErrorResponse; a fatal one closes the connection."""
         if self.phase is Phase.CLOSED:
             return
+        if self.database is not None:
+            count_error(self.database.stats, exc.sqlstate[:2] if isinstance(exc, ProxyError) else "XX")
         self.send(error_response(exc))
         self._close_transport()
 

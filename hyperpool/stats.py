@@ -1,13 +1,40 @@
 """Running totals per database: plain integers bumped on paths that run anyway.
 
-Nothing here is computed on the hot path beyond an addition; SHOW STATS and the metrics collector
-read the totals when asked (PgBouncer's SHOW STATS columns; times in microseconds there, seconds
-here).
+Nothing here is computed on the hot path beyond an addition (or a bisect for a histogram); SHOW STATS
+and the metrics collector read the totals when asked (PgBouncer's SHOW STATS columns; times in
+microseconds there, seconds here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+# Histogram bucket upper bounds, seconds.
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+QUERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Counts per bucket and a sum; cumulative counts are computed when read."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
 
 
 @dataclass(slots=True)
@@ -20,3 +47,40 @@ class DatabaseStats:
     query_time: float = 0.0  # seconds the database was working for clients
     wait_time: float = 0.0  # seconds clients waited for a server connection
     waits: int = 0  # how often a client had to wait
+    wait_histogram: Histogram = field(default_factory=lambda: Histogram(WAIT_BUCKETS))
+    query_histogram: Histogram = field(default_factory=lambda: Histogram(QUERY_BUCKETS))
+    errors: dict[str, int] = field(default_factory=dict)  # SQLSTATE class -> ErrorResponses clients got
+
+
+def error_class(payload: bytes) -> str:
+    """The SQLSTATE class (two characters) of an ErrorResponse payload, or '??'."""
+    index = payload.find(b"\x00C")
+    if payload.startswith(b"C"):
+        index = -1
+    elif index < 0:
+        return "??"
+    code = payload[index + 2 : index + 4]
+    return code.decode("ascii", "replace") if len(code) == 2 else "??"
+
+
+def count_error(stats: DatabaseStats, sqlstate_class: str) -> None:
+    stats.errors[sqlstate_class] = stats.errors.get(sqlstate_class, 0) + 1
+
+
+# Why server connections were closed, in a few bounded categories (metric labels).
+CLOSE_REASONS = ("idle_timeout", "lifetime", "reload", "admin", "client_gone", "reset_failed", "server_gone",
+                 "protocol_error", "shutdown", "other")
+
+
+def close_category(reason: str) -> str:
+    text = reason.lower()
+    for needle, category in (("idle_timeout", "idle_timeout"), ("lifetime", "lifetime"),
+                             ("origin changed", "reload"), ("resized", "reload"), ("admin console", "admin"),
+                             ("client disconnected", "client_gone"), ("client error", "client_gone"),
+                             ("reset", "reset_failed"), ("session state", "reset_failed"),
+                             ("settings failed", "reset_failed"), ("protocol violation", "protocol_error"),
+                             ("pool closed", "shutdown"), ("lost", "server_gone"), ("server closed", "server_gone"),
+                             ("login failed", "server_gone")):
+        if needle in text:
+            return category
+    return "other"

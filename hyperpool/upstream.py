@@ -24,7 +24,7 @@ from hyperpool.errors import UpstreamError
 from hyperpool.protocol import messages, scram
 from hyperpool.protocol.framing import FrameBuffer, Message, MessageRelay, ProtocolViolation
 from hyperpool.protocol.tracker import FAKE, TERMINATORS, Answer, Outcome, ResponseTracker
-from hyperpool.stats import DatabaseStats
+from hyperpool.stats import DatabaseStats, count_error, error_class
 
 log = logging.getLogger("hyperpool.upstream")
 
@@ -318,8 +318,12 @@ class ServerConnection(asyncio.Protocol):
             self.client.server_data(ev.raw)
 
     def _error(self, payload: bytes) -> None:
-        """An ErrorResponse for the client: PostgreSQL says a prepared statement's result shape changed."""
-        if self.client is None or b"0A000" not in payload:
+        """An ErrorResponse for the client (counted by class); PostgreSQL may say a prepared statement's
+        result shape changed."""
+        if self.client is None:
+            return
+        count_error(self.stats, error_class(payload))
+        if b"0A000" not in payload:
             return
         fields = messages.decode_error_fields(payload)
         if fields.get("C") == "0A000" and fields.get("M") == _PLAN_CHANGED:
@@ -375,7 +379,9 @@ class ServerConnection(asyncio.Protocol):
     def _idle_again(self) -> None:
         """The client's last request is answered."""
         stats = self.stats
-        stats.query_time += time.monotonic() - self._busy_since
+        elapsed = time.monotonic() - self._busy_since
+        stats.query_time += elapsed
+        stats.query_histogram.observe(elapsed)
         if self.tx_status == b"I":
             stats.transactions += 1
 
