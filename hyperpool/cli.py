@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from hyperpool import __version__
+from hyperpool import __version__, logs
 from hyperpool.config import DEFAULT_CONFIG_PATH, Config, load_config, parse_config
 from hyperpool.errors import ConfigError
 from hyperpool.protocol import scram
@@ -36,15 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def _run_server(config: Config, config_path: str | None) -> int:
     import uvloop
 
-    _setup_logging(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     server = Server(config, config_path)
     try:
         uvloop.run(server.run())
@@ -116,7 +110,7 @@ def cmd_demo(port: int) -> int:
                   flush=True)
             await server.wait_stopped()
 
-        _setup_logging("info")
+        logs.setup("info", "text")
         import uvloop
 
         uvloop.run(main())

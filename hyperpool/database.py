@@ -30,10 +30,12 @@ class Database:
         self._validated: dict[frozenset[tuple[str, str]], tuple[bytes, dict[str, str]]] = {}
         self.clients = 0
         self.stats = DatabaseStats()
+        self.slow_query = 0.0  # seconds (log_slow_query_ms); set by ServerState
 
     async def _connect(self) -> ServerConnection:
         conn = await open_server(self.config, self.config.pool.server_connect_timeout)
         conn.stats = self.stats
+        conn.slow_query = self.slow_query
         return conn
 
     def reconfigure(self, config: DatabaseConfig) -> None:

@@ -49,6 +49,8 @@ class ServerState:
         self.clock = clock
         self.client_tls = client_tls_context(config)
         self.databases: dict[str, Database] = {n: Database(db, clock) for n, db in config.databases.items()}
+        for database in self.databases.values():
+            database.slow_query = config.log_slow_query_ms / 1000
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[int, tuple[int, ClientSession]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -145,6 +147,13 @@ class ServerState:
                 self.databases[name] = Database(db, self.clock)
                 self.databases[name].pool.maintain()
         self.config = config
+        self._apply_slow_query()
+
+    def _apply_slow_query(self) -> None:
+        for database in self.databases.values():
+            database.slow_query = self.config.log_slow_query_ms / 1000
+            for conn in [*database.pool.idle, *database.pool.active]:
+                conn.slow_query = database.slow_query
 
     def maintain(self) -> None:
         for database in self.databases.values():

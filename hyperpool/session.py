@@ -65,6 +65,7 @@ _FAILING_PARSE = messages.parse(PREFIX + b"never", b"hyperpool: this Parse fails
 # a client's statements beyond this many are refused (hyperpool answers most Parses itself: no server limit applies)
 MAX_CLIENT_STATEMENTS = 10_000
 _UNREAD = "unread_state"  # pin reason: the session-state read-back failed
+LONG_WAIT = 1.0  # seconds: a client that waited longer for a server connection is logged (pool exhaustion)
 # Flush asks the server to send what it has: it neither starts nor continues a transaction
 # (psycopg's executemany sends Sync then Flush), and with no server attached there is nothing to flush.
 _FLUSH = b"H"
@@ -566,6 +567,11 @@ class ClientSession(asyncio.Protocol):
             stats.waits += 1
             stats.wait_time += waited
             stats.wait_histogram.observe(waited)
+            if waited > LONG_WAIT:
+                pool = self.database.pool
+                log.warning("client waited %.1f s for a server connection to database %s (pool_size %d, "
+                            "%d waiting)", waited, self.database.config.name, pool.settings.pool_size,
+                            len(pool.waiters))
         if self.phase is not Phase.READY:
             self.database.pool.release(server)
             return

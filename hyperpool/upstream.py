@@ -159,6 +159,7 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = self.created_at
         self.on_close: Callable[[ServerConnection], None] | None = None
         self.stats = DatabaseStats()  # the database's totals (Database sets its own)
+        self.slow_query = 0.0  # seconds; 0: off (Database sets it from log_slow_query_ms)
         self._busy_since = 0.0
         # Fast path: the request types sent and not yet answered by a ReadyForQuery (see protocol.tracker).
         self.requests = bytearray()
@@ -382,6 +383,9 @@ class ServerConnection(asyncio.Protocol):
         elapsed = time.monotonic() - self._busy_since
         stats.query_time += elapsed
         stats.query_histogram.observe(elapsed)
+        if self.slow_query and elapsed > self.slow_query:  # the statement itself is never logged
+            log.warning("slow query on database %s: %.0f ms (log_slow_query_ms %.0f)", self.db.name,
+                        elapsed * 1000, self.slow_query * 1000)
         if self.tx_status == b"I":
             stats.transactions += 1
 

@@ -1,0 +1,48 @@
+# hyperpool container image.
+#
+#   docker build -t hyperpool .
+#   docker run --rm --stop-timeout 45 -p 6432:6432 -p 9930:9930 \
+#       -v "$PWD/hyperpool.yaml:/etc/hyperpool/hyperpool.yaml:ro" -e ORIGIN_PASSWORD=... hyperpool
+#
+# The config is read from /etc/hyperpool/hyperpool.yaml (mount a file or a directory there). It must serve the
+# HTTP endpoint on port 9930 (`metrics: {host: 0.0.0.0, port: 9930}`) for the HEALTHCHECK below, and listen on
+# 0.0.0.0 to be reachable from outside the container. `${VAR}` in the config is read from the environment.
+# Validate a config with the same image: `docker run --rm -v ...:/etc/hyperpool/hyperpool.yaml:ro hyperpool check-config`.
+# Give the container more than shutdown_timeout to stop (docker's default is 10 s): `--stop-timeout`.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: install the package and its dependencies (wheels only, no compiler needed) into a venv ---------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/hyperpool
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY hyperpool ./hyperpool
+RUN /opt/hyperpool/bin/pip install .
+
+# --- runtime: the venv and a non-root user, nothing else -----------------------------------------------------
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/hyperpool/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN groupadd --system --gid 10001 hyperpool \
+    && useradd --system --uid 10001 --gid hyperpool --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin hyperpool \
+    && mkdir -p /etc/hyperpool
+COPY --from=build /opt/hyperpool /opt/hyperpool
+# numeric, so Kubernetes' runAsNonRoot can check it
+USER 10001:10001
+
+# 6432: PostgreSQL clients; 9930: /metrics, /healthz, /readyz
+EXPOSE 6432 9930
+# SIGTERM: stop accepting, let running transactions finish for up to shutdown_timeout; SIGHUP: reload the config
+STOPSIGNAL SIGTERM
+# slim has no curl; urlopen raises (exit 1) on a refused connection, a timeout or a non-2xx answer
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9930/healthz', timeout=2)"]
+
+# The documented command: hyperpool --config /etc/hyperpool/hyperpool.yaml run
+# (arguments after the image name replace only "run", e.g. `check-config` or `passwd app`)
+ENTRYPOINT ["hyperpool", "--config", "/etc/hyperpool/hyperpool.yaml"]
+CMD ["run"]
