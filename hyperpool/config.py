@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from hyperpool.cache import CacheSettings
 from hyperpool.errors import ConfigError
 from hyperpool.protocol import scram
 
@@ -78,6 +79,7 @@ class DatabaseConfig:
     sslrootcert: str | None
     pool: PoolSettings
     connect_options: tuple[tuple[str, str], ...] = ()
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Config:
     users: Mapping[str, UserConfig] = field(default_factory=dict)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     pool: PoolSettings = field(default_factory=PoolSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     tls: TLSConfig | None = None
     shutdown_timeout: float = 30.0
     max_packet_size: int = 256 * 1024 * 1024
@@ -239,10 +242,28 @@ def _user(name: str, raw: Any) -> UserConfig:
     return UserConfig(name=name, password=password, scram=verifier)
 
 
-_DB_KEYS = {"host", "port", "dbname", "user", "password", "sslmode", "sslrootcert", "connect_options"} | POOL_KEYS
+_DB_KEYS = {"host", "port", "dbname", "user", "password", "sslmode", "sslrootcert", "connect_options",
+            "cache"} | POOL_KEYS
+_CACHE_KEYS = {"enabled", "max_age", "stale_while_revalidate", "max_bytes", "max_entry_bytes"}
 
 
-def _database(name: str, raw: Any, pool: PoolSettings) -> DatabaseConfig:
+def _cache_settings(raw: Any, base: CacheSettings, key: str) -> CacheSettings:
+    """A `cache:` mapping over ``base`` (the top-level section for a database's own)."""
+    section = _mapping(raw, key)
+    _check_keys(section, _CACHE_KEYS, key)
+    changes: dict[str, Any] = {}
+    if "enabled" in section:
+        changes["enabled"] = _bool(section["enabled"], f"{key}.enabled")
+    for name in ("max_age", "stale_while_revalidate"):
+        if name in section:
+            changes[name] = _seconds(section[name], f"{key}.{name}")
+    for name in ("max_bytes", "max_entry_bytes"):
+        if name in section:
+            changes[name] = _int(section[name], f"{key}.{name}", 0, 1 << 40)
+    return replace(base, **changes)
+
+
+def _database(name: str, raw: Any, pool: PoolSettings, cache: CacheSettings) -> DatabaseConfig:
     key = f"databases.{name}"
     section = _mapping(raw, key)
     _check_keys(section, _DB_KEYS, key)
@@ -267,6 +288,7 @@ def _database(name: str, raw: Any, pool: PoolSettings) -> DatabaseConfig:
         sslrootcert=None if rootcert is None else str(rootcert),
         pool=_pool_settings(section, pool, f"{key}."),
         connect_options=tuple((str(k), _str(v, f"{key}.connect_options.{k}")) for k, v in options.items()),
+        cache=_cache_settings(section.get("cache"), cache, f"{key}.cache"),
     )
 
 
@@ -318,7 +340,9 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
     _check_keys(listen, {"host", "port"}, "listen")
     pool = _pool_settings(top, PoolSettings(), "")
     users = {str(n): _user(str(n), raw) for n, raw in _mapping(top.get("users"), "users").items()}
-    dbs = {str(n): _database(str(n), raw, pool) for n, raw in _mapping(top.get("databases"), "databases").items()}
+    cache = _cache_settings(top.get("cache"), CacheSettings(), "cache")
+    dbs = {str(n): _database(str(n), raw, pool, cache)
+           for n, raw in _mapping(top.get("databases"), "databases").items()}
     for name in ADMIN_DATABASES:
         if name in dbs:
             raise ConfigError(f"databases.{name}: reserved for the admin console")
@@ -341,6 +365,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
         users=users,
         databases=dbs,
         pool=pool,
+        cache=cache,
         tls=_tls(top.get("tls")),
         shutdown_timeout=_seconds(top.get("shutdown_timeout", 30.0), "shutdown_timeout"),
         max_packet_size=_int(top.get("max_packet_size", 256 * 1024 * 1024), "max_packet_size", 1024, 1 << 30),

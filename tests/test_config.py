@@ -73,6 +73,7 @@ def test_example_uses_every_key() -> None:
     text = EXAMPLE.read_text()
     written = set(re.findall(r"^[ #]*([a-z_]+):", text, flags=re.MULTILINE))
     accepted = config_module._TOP_KEYS | config_module._DB_KEYS | {"host", "port", "cert", "key", "password", "users"}
+    accepted |= config_module._CACHE_KEYS
     assert accepted - written == set()
 
 
@@ -91,9 +92,10 @@ def test_example_default_comments_match_the_code() -> None:
     db = cfg.databases["appdb"]
     code_defaults: dict[tuple[int, str], Any] = {
         (0, name): getattr(cfg.pool if name in config_module.POOL_KEYS else cfg, name)
-        for name in config_module._TOP_KEYS - {"listen", "users", "databases", "tls", "metrics", "admin"}
+        for name in config_module._TOP_KEYS - {"listen", "users", "databases", "tls", "metrics", "admin", "cache"}
     }
     code_defaults |= {(2, "host"): cfg.listen_host, (2, "port"): cfg.listen_port}
+    code_defaults |= {(2, name): getattr(cfg.cache, name) for name in config_module._CACHE_KEYS}
     code_defaults |= {(4, "host"): db.host, (4, "port"): db.port, (4, "sslmode"): db.sslmode}
     checked = set()
     for comment, line in itertools.pairwise(EXAMPLE.read_text().splitlines()):
@@ -490,3 +492,17 @@ def test_admin_database_names_are_reserved(name: str) -> None:
     databases = {name: {"host": "127.0.0.1", "user": "app"}}
     with pytest.raises(ConfigError, match=f"databases.{name}: reserved"):
         parse_config({**BASE, "databases": databases}, {})
+
+
+def test_cache_settings_top_level_and_per_database() -> None:
+    cfg = parse_config({**BASE, "cache": {"max_age": 30, "max_bytes": 1000},
+                        "databases": {"appdb": {"user": "app", "cache": {"enabled": False, "max_age": 5}},
+                                      "other": {"user": "app"}}}, {})
+    assert (cfg.cache.max_age, cfg.cache.max_bytes, cfg.cache.enabled) == (30.0, 1000, True)
+    appdb, other = cfg.databases["appdb"].cache, cfg.databases["other"].cache
+    assert (appdb.enabled, appdb.max_age, appdb.max_bytes) == (False, 5.0, 1000)  # over the top-level section
+    assert other == cfg.cache
+    for bad, message in [({"cache": {"ttl": 1}}, "cache"), ({"cache": {"max_age": -1}}, "cache.max_age"),
+                         ({"cache": {"enabled": "yes"}}, "cache.enabled")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config({**BASE, **bad}, {})
