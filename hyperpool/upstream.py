@@ -534,7 +534,8 @@ class ServerConnection(asyncio.Protocol):
         """Whether client requests other than Flush still expect answers (a connection to keep or drop)."""
         if self.tracker is not None:
             return bool(self.tracker)
-        return bool(self.requests.replace(b"H", b""))
+        requests = self.requests
+        return bool(requests) and bool(requests.replace(b"H", b""))
 
     # --- cancel requests ----------------------------------------------------------------
 
