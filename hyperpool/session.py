@@ -169,7 +169,6 @@ class ClientSession(asyncio.Protocol):
         self._writing_paused = False  # the client's transport buffer is over its high-water mark
         self._loop = asyncio.get_running_loop()  # once: each call costs a getpid() on 3.11
         self._handshaking = False
-        self._attached_at = 0.0  # when the current server connection was taken (loop time)
         self.waiting_since: float | None = None  # monotonic time the client started waiting for a server
         self.connected_at = time.time()
         self.peer: tuple[str, int] = ("", 0)
@@ -580,7 +579,6 @@ class ClientSession(asyncio.Protocol):
     def _use_server(self, server: ServerConnection) -> None:
         self.server = server
         server.client = self
-        self._attached_at = self._loop.time()
         if self._writing_paused:
             self._pause_server()
         server.apply_settings(self, self.wanted, self.sql_prepared)
@@ -897,7 +895,6 @@ class ClientSession(asyncio.Protocol):
             return  # (a late cancel: the state read-back or the pin decides)
         self._detach(server)
         assert self.database is not None
-        self.database.stats.transaction_time += self._loop.time() - self._attached_at
         self.database.pool.release(server)
         if self.state.shutting_down:
             self.fail(_ADMIN_SHUTDOWN)

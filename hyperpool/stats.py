@@ -43,7 +43,7 @@ class DatabaseStats:
     queries: int = 0  # Query / Sync / FunctionCall sent to the database
     received: int = 0  # bytes from clients, forwarded to the database
     sent: int = 0  # bytes from the database, forwarded to clients
-    transaction_time: float = 0.0  # seconds clients held a server connection (transaction pooling)
+    transaction_time: float = 0.0  # seconds from a transaction's first request to the ReadyForQuery 'I' ending it
     query_time: float = 0.0  # seconds the database was working for clients
     wait_time: float = 0.0  # seconds clients waited for a server connection
     waits: int = 0  # how often a client had to wait

@@ -161,6 +161,7 @@ class ServerConnection(asyncio.Protocol):
         self.stats = DatabaseStats()  # the database's totals (Database sets its own)
         self.slow_query = 0.0  # seconds; 0: off (Database sets it from log_slow_query_ms)
         self._busy_since = 0.0
+        self._transaction_since = 0.0
         # Fast path: the request types sent and not yet answered by a ReadyForQuery (see protocol.tracker).
         self.requests = bytearray()
         self.tracker: ResponseTracker | None = None  # set while responses are tracked one by one
@@ -371,7 +372,9 @@ class ServerConnection(asyncio.Protocol):
         stats = self.stats
         if syncs:
             if not self.outstanding:
-                self._busy_since = time.monotonic()
+                self._busy_since = now = time.monotonic()
+                if self.tx_status == b"I":
+                    self._transaction_since = now  # a transaction (or a single statement) begins
             stats.queries += syncs
         stats.received += len(data)
         self.outstanding += syncs
@@ -380,7 +383,8 @@ class ServerConnection(asyncio.Protocol):
     def _idle_again(self) -> None:
         """The client's last request is answered."""
         stats = self.stats
-        elapsed = time.monotonic() - self._busy_since
+        now = time.monotonic()
+        elapsed = now - self._busy_since
         stats.query_time += elapsed
         stats.query_histogram.observe(elapsed)
         if self.slow_query and elapsed > self.slow_query:  # the statement itself is never logged
@@ -388,6 +392,7 @@ class ServerConnection(asyncio.Protocol):
                         elapsed * 1000, self.slow_query * 1000)
         if self.tx_status == b"I":
             stats.transactions += 1
+            stats.transaction_time += now - self._transaction_since
 
     def record(self, kinds: bytes | bytearray) -> None:
         """Requests forwarded as the client sent them, by type byte, in order."""
