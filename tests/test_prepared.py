@@ -3,31 +3,14 @@ the session's statement renaming use (hyperpool.protocol.messages: Parse, Bind, 
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
 import pytest
 
 from hyperpool.prepared import PREFIX, Statement, StatementRegistry
 from hyperpool.protocol import messages
-from hyperpool.protocol.framing import FrameBuffer, Message, ProtocolViolation
-
-
-def i16(n: int) -> bytes:
-    return struct.pack("!h", n)
-
-
-def i32(n: int) -> bytes:
-    return struct.pack("!i", n)
-
-
-def only_message(raw: bytes) -> Message:
-    """Frame ``raw`` as exactly one typed message (checks the encoder's length field)."""
-    fb = FrameBuffer(max_length=1 << 20)
-    fb.feed(raw)
-    msg = fb.next_message()
-    assert msg is not None and fb.take_rest() == b""
-    return msg
+from hyperpool.protocol.framing import ProtocolViolation
+from tests.protocol.test_messages import i16, i32, only_message
 
 
 def decoded_parse(raw: bytes) -> tuple[bytes, bytes, bytes]:
