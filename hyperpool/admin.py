@@ -63,9 +63,8 @@ PINNED = _cols("database:t reason:t clients:i")
 class AdminConsole:
     """Runs admin commands against the live state."""
 
-    def __init__(self, state: ServerState, started: float) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.started = started
 
     def execute(self, sql: str) -> bytes:
         words = sql.strip().rstrip(";").strip().split()
@@ -113,16 +112,11 @@ class AdminConsole:
         return result(POOLS, rows, "SHOW")
 
     def show_stats(self) -> bytes:
-        uptime = max(time.monotonic() - self.started, 1e-9)
         rows = []
         for name, db in sorted(self.state.databases.items()):
             st = db.stats
             rows.append((name, st.transactions, st.queries, st.received, st.sent, _us(st.transaction_time),
-                         _us(st.query_time), _us(st.wait_time), int(st.transactions / uptime),
-                         int(st.queries / uptime), int(st.received / uptime), int(st.sent / uptime),
-                         _us(st.transaction_time / st.transactions) if st.transactions else 0,
-                         _us(st.query_time / st.queries) if st.queries else 0,
-                         _us(st.wait_time / st.waits) if st.waits else 0))
+                         _us(st.query_time), _us(st.wait_time), *db.stats_window.averages()))
         return result(STATS, rows, "SHOW")
 
     def show_clients(self) -> bytes:

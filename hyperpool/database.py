@@ -16,7 +16,7 @@ from hyperpool.config import DatabaseConfig
 from hyperpool.errors import UpstreamErrorResponse
 from hyperpool.pool import Pool
 from hyperpool.protocol import messages
-from hyperpool.stats import DatabaseStats
+from hyperpool.stats import DatabaseStats, StatsWindow
 from hyperpool.upstream import TRACKED_REPORTED, ServerConnection, open_server, set_statements
 
 _MAX_VALIDATED = 1024
@@ -30,6 +30,7 @@ class Database:
         self._validated: dict[frozenset[tuple[str, str]], tuple[bytes, dict[str, str]]] = {}
         self.clients = 0
         self.stats = DatabaseStats()
+        self.stats_window = StatsWindow(self.stats, clock())
         self.slow_query = 0.0  # seconds (log_slow_query_ms); set by ServerState
 
     async def _connect(self) -> ServerConnection:

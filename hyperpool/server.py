@@ -56,7 +56,6 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.statements = StatementRegistry()  # protocol-level prepared statements, hyperpool-wide names
         self.shutting_down = False
-        self.started = time.monotonic()
         # set by Server: what the admin console's RELOAD and SHUTDOWN do
         self.reload_hook: Callable[[], bool] | None = None
         self.shutdown_hook: Callable[[], None] | None = None
@@ -156,8 +155,10 @@ class ServerState:
                 conn.slow_query = database.slow_query
 
     def maintain(self) -> None:
+        now = self.clock()
         for database in self.databases.values():
             database.pool.maintain()
+            database.stats_window.tick(database.stats, now)
 
 
 class Server:

@@ -359,7 +359,7 @@ class ClientSession(asyncio.Protocol):
             self.send(auth_ok)
             raise ProxyError("not allowed to use the admin console", sqlstate="42501", fatal=True,
                              hint="list the user in admin.users")
-        self._admin = AdminConsole(self.state, self.state.started)
+        self._admin = AdminConsole(self.state)
         shown = b"".join(messages.parameter_status(k, v) for k, v in (
             ("server_version", "15.0 (hyperpool admin console)"), ("server_encoding", "UTF8"),
             ("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("integer_datetimes", "on"),

@@ -77,10 +77,52 @@ def close_category(reason: str) -> str:
     for needle, category in (("idle_timeout", "idle_timeout"), ("lifetime", "lifetime"),
                              ("origin changed", "reload"), ("resized", "reload"), ("admin console", "admin"),
                              ("client disconnected", "client_gone"), ("client error", "client_gone"),
-                             ("reset", "reset_failed"), ("session state", "reset_failed"),
+                             ("reset failed", "reset_failed"), ("session state", "reset_failed"),
                              ("settings failed", "reset_failed"), ("protocol violation", "protocol_error"),
                              ("pool closed", "shutdown"), ("lost", "server_gone"), ("server closed", "server_gone"),
                              ("login failed", "server_gone")):
         if needle in text:
             return category
     return "other"
+
+
+STATS_PERIOD = 15.0  # seconds: SHOW STATS's avg_* columns describe the last complete period, as PgBouncer's do
+
+_TOTALS = ("transactions", "queries", "received", "sent", "transaction_time", "query_time", "wait_time", "waits")
+
+
+class StatsWindow:
+    """Totals at the start of the current period and the differences over the last complete one."""
+
+    __slots__ = ("_mark", "_mark_time", "delta", "period")
+
+    def __init__(self, stats: DatabaseStats, now: float) -> None:
+        self._mark = self._totals(stats)
+        self._mark_time = now
+        self.delta: dict[str, float] = dict.fromkeys(_TOTALS, 0.0)
+        self.period = STATS_PERIOD
+
+    @staticmethod
+    def _totals(stats: DatabaseStats) -> dict[str, float]:
+        return {name: float(getattr(stats, name)) for name in _TOTALS}
+
+    def tick(self, stats: DatabaseStats, now: float) -> None:
+        """Called every second or so; closes a period every STATS_PERIOD seconds."""
+        if now - self._mark_time < STATS_PERIOD:
+            return
+        totals = self._totals(stats)
+        self.delta = {name: totals[name] - self._mark[name] for name in _TOTALS}
+        self.period = now - self._mark_time
+        self._mark, self._mark_time = totals, now
+
+    def averages(self) -> tuple[int, int, int, int, int, int, int]:
+        """PgBouncer's avg_xact_count, avg_query_count, avg_recv, avg_sent (per second) and avg_xact_time,
+        avg_query_time, avg_wait_time (microseconds per transaction / query / wait)."""
+        d, period = self.delta, max(self.period, 1e-9)
+
+        def per(total: str, count: str) -> int:
+            return int(d[total] / d[count] * 1_000_000) if d[count] else 0
+
+        return (int(d["transactions"] / period), int(d["queries"] / period), int(d["received"] / period),
+                int(d["sent"] / period), per("transaction_time", "transactions"), per("query_time", "queries"),
+                per("wait_time", "waits"))
