@@ -16,8 +16,9 @@ from hyperpool.config import DatabaseConfig
 from hyperpool.errors import UpstreamErrorResponse
 from hyperpool.pool import Pool
 from hyperpool.protocol import messages
+from hyperpool.sql.catalog import CATALOG_QUERIES, Catalog
 from hyperpool.stats import DatabaseStats, StatsWindow
-from hyperpool.upstream import TRACKED_REPORTED, ServerConnection, open_server, set_statements
+from hyperpool.upstream import TRACKED_REPORTED, Rows, ServerConnection, open_server, set_statements
 
 _MAX_VALIDATED = 1024
 
@@ -32,6 +33,11 @@ class Database:
         self.stats = DatabaseStats()
         self.stats_window = StatsWindow(self.stats, clock())
         self.slow_query = 0.0  # seconds (log_slow_query_ms); set by ServerState
+        # what statement classification needs from the database's catalog (see sql/catalog.py); None until read
+        self.catalog: Catalog | None = None
+        self.catalog_loaded_at = 0.0  # clock time of the last attempt to read it
+        self.catalog_reads = 0  # successful reads
+        self.catalog_wanted = False  # read once a client has logged in (no server connection before that)
 
     async def _connect(self) -> ServerConnection:
         conn = await open_server(self.config, self.config.pool.server_connect_timeout)
@@ -101,15 +107,30 @@ class Database:
         else:
             self.pool.release(conn)
 
+    async def load_catalog(self) -> Catalog:
+        """Read the catalog classification needs, on a pooled connection, and keep it (at start, on reload)."""
+        conn = await self.pool.acquire()
+        try:
+            results: list[Rows] = []
+            for sql in CATALOG_QUERIES:
+                rows: Rows = []
+                await self._run_internal(conn, sql, rows)
+                results.append(rows)
+        finally:
+            self._give_back(conn)
+        self.catalog = Catalog.from_rows(*results)
+        self.catalog_reads += 1
+        return self.catalog
+
     @staticmethod
-    async def _run_internal(conn: ServerConnection, sql: str) -> None:
+    async def _run_internal(conn: ServerConnection, sql: str, rows: Rows | None = None) -> None:
         done: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
 
         def finished(_conn: ServerConnection, _status: bytes, error: dict[str, str] | None) -> None:
             if not done.done():
                 done.set_result(error)
 
-        conn.send_internal(sql, finished)
+        conn.send_internal(sql, finished, rows)
         error = await done
         if error is not None:
             error = {**error, "S": "FATAL", "V": "FATAL"}

@@ -41,6 +41,9 @@ LOGIN_FAILURES = {"28P01": "password", "28000": "rejected", "42501": "not_admin"
                   "57P03": "shutting_down"}
 
 
+CATALOG_RETRY = 10.0  # seconds between attempts to read a catalog that could not be read
+
+
 class ServerState:
     """Everything the running proxy owns; handed to every session (no globals)."""
 
@@ -147,6 +150,9 @@ class ServerState:
                 self.databases[name].pool.maintain()
         self.config = config
         self._apply_slow_query()
+        for database in self.databases.values():
+            self.refresh_catalog(database)  # DDL may have happened; a new origin surely has another catalog
+            # (only for databases clients use: refresh_catalog checks)
 
     def _apply_slow_query(self) -> None:
         for database in self.databases.values():
@@ -159,6 +165,33 @@ class ServerState:
         for database in self.databases.values():
             database.pool.maintain()
             database.stats_window.tick(database.stats, now)
+            if database.catalog_wanted and database.catalog is None and \
+                    now - database.catalog_loaded_at > CATALOG_RETRY:
+                self.refresh_catalog(database)
+
+    def want_catalog(self, database: Database) -> None:
+        """A client logged in to ``database``: its catalog is read from now on (once, then on reload)."""
+        if not database.catalog_wanted:
+            database.catalog_wanted = True
+            self.refresh_catalog(database)
+
+    def refresh_catalog(self, database: Database) -> None:
+        """Read a database's catalog again in the background (first use, reload, and after a failure)."""
+        if database.config.cache.enabled and database.catalog_wanted:
+            database.catalog_loaded_at = self.clock()
+            self.spawn(self._load_catalog(database))
+
+    async def _load_catalog(self, database: Database) -> None:
+        started = time.monotonic()
+        try:
+            catalog = await database.load_catalog()
+        except Exception as exc:  # the database may be down: the maintenance tick tries again
+            log.warning("could not read the catalog of database %s: %s", database.config.name,
+                        getattr(exc, "message", None) or type(exc).__name__)
+            return
+        log.info("catalog of database %s read in %.0f ms (%d relations, %d function names)",
+                 database.config.name, (time.monotonic() - started) * 1000, len(catalog.relations),
+                 len(catalog.functions))
 
 
 class Server:

@@ -348,6 +348,7 @@ class ClientSession(asyncio.Protocol):
         database.clients += 1
         self.pool_mode = database.config.pool.pool_mode
         shown, self.wanted = await database.prepare_client(self.wanted)
+        self.state.want_catalog(database)
         self.key = self.state.register_cancel_key(self)
         # one write for the end of authentication and the whole welcome
         self.send(auth_ok + shown + messages.backend_key_data(*self.key) + _READY_IDLE)
