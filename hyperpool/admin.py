@@ -30,7 +30,7 @@ Row = Sequence[Any]
 
 def result(columns: Sequence[tuple[str, int]], rows: Iterable[Row], tag: str) -> bytes:
     """RowDescription + DataRows + CommandComplete (text format; numbers typed int8)."""
-    out = [messages.row_description_typed(columns)]
+    out = [messages.row_description(columns)]
     count = 0
     for row in rows:
         out.append(messages.data_row(None if v is None else str(v) for v in row))

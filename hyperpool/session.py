@@ -517,10 +517,7 @@ class ClientSession(asyncio.Protocol):
                 return
             if len(items) == 2 and self._prepared_here(items):
                 return
-            assert self.database is not None
-            server = self.database.pool.try_acquire()  # the hot path: an idle server, no task
-            if server is not None:
-                self._use_server(server)
+            # (_route already took an idle server if there was one: this client waits for one)
         if server is not None and not self._queued:
             if len(items) == 1 and type(items[0][0]) is not Message:
                 data, syncs, kinds = items[0]

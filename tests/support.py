@@ -189,3 +189,18 @@ def start_test_pg(**settings: str) -> EmbeddedPostgres:
         server.cleanup()
         raise
     return server
+
+
+def hold_the_server(port: int) -> KeyedSocket:
+    """A client in an open transaction: with pool_size 1 every other client now waits for a server."""
+    holder = raw_login(port)
+    holder.sendall(query_msg("begin"))
+    read_messages(holder)
+    return holder
+
+
+def let_go(holder: KeyedSocket) -> None:
+    """End the holder's transaction and leave."""
+    holder.sendall(query_msg("commit"))
+    read_messages(holder)
+    holder.close()

@@ -18,6 +18,8 @@ from tests.support import (
     APPDB,
     ProxyRunner,
     base_config,
+    hold_the_server,
+    let_go,
     message,
     query_msg,
     raw_login,
@@ -103,9 +105,7 @@ def test_stats_move_with_the_workload(admin_proxy: ProxyRunner) -> None:
 def test_waiting_clients_show_in_pools(pg: EmbeddedPostgres) -> None:
     proxy = start_proxy(admin_config(pg, db={"pool_size": 1, "min_pool_size": 1}))
     try:
-        holder = raw_login(proxy.port)
-        holder.sendall(query_msg("begin"))
-        read_messages(holder)
+        holder = hold_the_server(proxy.port)
         waiters = [raw_login(proxy.port) for _ in range(3)]
         for w in waiters:
             w.sendall(query_msg("select 1"))
@@ -116,12 +116,10 @@ def test_waiting_clients_show_in_pools(pg: EmbeddedPostgres) -> None:
                     break
                 time.sleep(0.05)
             assert (row[2], row[3], row[6]) == (1, 3, 1)  # cl_active, cl_waiting, sv_active
-        holder.sendall(query_msg("commit"))
-        read_messages(holder)
+        let_go(holder)
         for w in waiters:
             assert read_messages(w)[-1][0] == b"Z"
             w.close()
-        holder.close()
     finally:
         proxy.stop()
 

@@ -20,9 +20,8 @@ from tests.support import (
     OWNER_PASSWORD,
     base_config,
     free_port,
-    query_msg,
-    raw_login,
-    read_messages,
+    hold_the_server,
+    let_go,
     start_proxy,
 )
 
@@ -66,17 +65,13 @@ def test_events_are_logged_without_secrets(pg: EmbeddedPostgres, captured: tuple
         with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
             conn.execute(f"select pg_sleep(0.1), '{LITERAL}'")
             conn.execute("select pg_sleep(0.1), %s", (LITERAL,))
-            holder = raw_login(proxy.port)
-            holder.sendall(query_msg("begin"))
-            read_messages(holder)
+            holder = hold_the_server(proxy.port)
             waited: list[object] = []
             thread = threading.Thread(target=lambda: waited.append(conn.execute("select 1").fetchone()))
             thread.start()
             time.sleep(1.3)  # longer than LONG_WAIT
-            holder.sendall(query_msg("commit"))
-            read_messages(holder)
+            let_go(holder)
             thread.join(10)
-            holder.close()
             assert waited == [(1,)]
     finally:
         proxy.stop()

@@ -21,6 +21,8 @@ from tests.support import (
     ProxyRunner,
     base_config,
     free_port,
+    hold_the_server,
+    let_go,
     query_msg,
     raw_login,
     read_messages,
@@ -81,9 +83,7 @@ def test_counters_move_with_the_workload(metrics_proxy: ProxyRunner) -> None:
 def test_waiting_clients_are_counted(pg: EmbeddedPostgres) -> None:
     proxy = start_proxy(base_config(pg.port, metrics={"port": 0}, db={"pool_size": 1, "min_pool_size": 1}))
     try:
-        holder = raw_login(proxy.port)
-        holder.sendall(query_msg("begin"))
-        read_messages(holder)
+        holder = hold_the_server(proxy.port)
         waiters = [raw_login(proxy.port) for _ in range(10)]
         for w in waiters:
             w.sendall(query_msg("select 1"))
@@ -95,12 +95,10 @@ def test_waiting_clients_are_counted(pg: EmbeddedPostgres) -> None:
         assert value(samples, "hyperpool_clients", database=APPDB, user=OWNER, state="waiting") == 10
         assert value(samples, "hyperpool_clients", database=APPDB, user=OWNER, state="active") == 1
         assert value(samples, "hyperpool_servers", database=APPDB, user=OWNER, state="active") == 1
-        holder.sendall(query_msg("commit"))
-        read_messages(holder)
+        let_go(holder)
         for w in waiters:
             assert read_messages(w)[-1][0] == b"Z"
             w.close()
-        holder.close()
         samples = scrape(proxy)
         assert value(samples, "hyperpool_client_wait_seconds_count", database=APPDB) >= 10
     finally:

@@ -63,18 +63,9 @@ def error_fields(fields: Mapping[str, str], type_byte: bytes = b"E") -> bytes:
     return _msg(type_byte, body + b"\x00")
 
 
-def row_description(names: Iterable[str]) -> bytes:
-    """A text-format RowDescription with every column typed as text (OID 25)."""
-    cols = list(names)
-    out = [struct.pack("!h", len(cols))]
-    for name in cols:
-        out.append(_cstr(name) + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0))
-    return _msg(b"T", b"".join(out))
-
-
-def row_description_typed(columns: Iterable[tuple[str, int]]) -> bytes:
-    """A text-format RowDescription: (column name, type OID) pairs."""
-    cols = list(columns)
+def row_description(columns: Iterable[str | tuple[str, int]]) -> bytes:
+    """A text-format RowDescription: column names (typed text, OID 25) or (name, type OID) pairs."""
+    cols = [(c, 25) if isinstance(c, str) else c for c in columns]
     out = [struct.pack("!h", len(cols))]
     for name, oid in cols:
         size = 8 if oid == 20 else -1
