@@ -19,12 +19,13 @@ from hyperpool.errors import ProxyError
 from hyperpool.protocol import messages
 
 if TYPE_CHECKING:
+    from hyperpool.cache import QueryCache
     from hyperpool.database import Database
     from hyperpool.server import ServerState
     from hyperpool.session import ClientSession
     from hyperpool.upstream import ServerConnection
 
-INT8, TEXT = 20, 25
+INT8, FLOAT8, TEXT = 20, 701, 25
 Row = Sequence[Any]
 
 
@@ -39,9 +40,12 @@ def result(columns: Sequence[tuple[str, int]], rows: Iterable[Row], tag: str) ->
     return b"".join(out)
 
 
+_TYPES = {"i": INT8, "f": FLOAT8, "t": TEXT}
+
+
 def _cols(spec: str) -> list[tuple[str, int]]:
-    """'name:t count:i' -> [(name, TEXT), (count, INT8)]."""
-    return [(part[:-2], INT8 if part.endswith(":i") else TEXT) for part in spec.split()]
+    """'name:t count:i age:f' -> [(name, TEXT), (count, INT8), (age, FLOAT8)]."""
+    return [(part[:-2], _TYPES[part[-1]]) for part in spec.split()]
 
 
 POOLS = _cols("database:t user:t cl_active:i cl_waiting:i cl_active_cancel_req:i cl_waiting_cancel_req:i sv_active:i "
@@ -58,6 +62,9 @@ DATABASES = _cols("name:t host:t port:i database:t force_user:t pool_size:i min_
 CONFIG = _cols("key:t value:t default:t changeable:t")
 LISTS = _cols("list:t items:i")
 PINNED = _cols("database:t reason:t clients:i")
+CACHE = _cols("database:t enabled:t entries:i bytes:i max_bytes:i max_entry_bytes:i max_age:f "
+              "stale_while_revalidate:f hits:i stale:i misses:i stored:i too_big:i evictions:i invalidations:i "
+              "discarded_fills:i hit_ratio:t not_cacheable:t")
 
 
 class AdminConsole:
@@ -78,7 +85,7 @@ class AdminConsole:
                 return show()
         commands: dict[str, Callable[[list[str]], str]] = {
             "RELOAD": self._reload, "PAUSE": self._pause, "RESUME": self._resume, "RECONNECT": self._reconnect,
-            "KILL": self._kill, "SHUTDOWN": self._shutdown,
+            "KILL": self._kill, "SHUTDOWN": self._shutdown, "CACHE": self._cache,
         }
         command = commands.get(verb)
         if command is None:
@@ -90,7 +97,7 @@ class AdminConsole:
         return {"POOLS": self.show_pools, "STATS": self.show_stats, "CLIENTS": self.show_clients,
                 "SERVERS": self.show_servers, "DATABASES": self.show_databases, "CONFIG": self.show_config,
                 "VERSION": self.show_version, "LISTS": self.show_lists, "PINNED": self.show_pinned,
-                "HELP": self.show_help}
+                "CACHE": self.show_cache, "HELP": self.show_help}
 
     # --- SHOW ----------------------------------------------------------------------------
 
@@ -193,9 +200,14 @@ class AdminConsole:
                 for reason, count in sorted(reasons.items())]
         return result(PINNED, rows, "SHOW")
 
+    def show_cache(self) -> bytes:
+        rows = [_cache_row(name, db.cache) for name, db in sorted(self.state.databases.items())]
+        return result(CACHE, rows, "SHOW")
+
     def show_help(self) -> bytes:
-        lines = ["SHOW POOLS | STATS | CLIENTS | SERVERS | DATABASES | CONFIG | VERSION | LISTS | PINNED | HELP",
-                 "RELOAD", "PAUSE [db]", "RESUME [db]", "RECONNECT [db]", "KILL db", "SHUTDOWN"]
+        lines = ["SHOW POOLS | STATS | CLIENTS | SERVERS | DATABASES | CONFIG | VERSION | LISTS | PINNED | CACHE "
+                 "| HELP", "RELOAD", "PAUSE [db]", "RESUME [db]", "RECONNECT [db]", "KILL db", "CACHE PURGE [db]",
+                 "SHUTDOWN"]
         return result([("command", TEXT)], [(line,) for line in lines], "SHOW")
 
     # --- commands ------------------------------------------------------------------------
@@ -243,12 +255,38 @@ class AdminConsole:
                 database.pool.discard(conn, "KILL from the admin console")
         return "KILL"
 
+    def _cache(self, args: list[str]) -> str:
+        if not args or args[0].upper() != "PURGE":
+            raise ProxyError("usage: CACHE PURGE [db]", sqlstate="42601")
+        for database in self._databases(args[1:], "CACHE PURGE"):
+            if database.cache is not None:
+                database.cache.purge()
+        return "CACHE PURGE"
+
     def _shutdown(self, args: list[str]) -> str:
         if args:
             raise ProxyError("usage: SHUTDOWN", sqlstate="42601")
         if self.state.shutdown_hook is not None:
             self.state.shutdown_hook()
         return "SHUTDOWN"
+
+
+def _cache_row(name: str, cache: QueryCache | None) -> Row:
+    """A SHOW CACHE row; a database without a cache (disabled, or not transaction pooling) shows zeros."""
+    if cache is None:
+        return (name, "no", *[0] * 14, "", "")
+    settings, st = cache.settings, cache.stats
+    lookups = st.hits + st.stale + st.misses
+    ratio = f"{(st.hits + st.stale) / lookups:.2f}" if lookups else ""  # answered from the cache, fresh or stale
+    reasons = " ".join(f"{reason}={count}" for reason, count in sorted(st.not_cacheable.items()))
+    return (name, "yes", len(cache), cache.bytes, settings.max_bytes, settings.max_entry_bytes,
+            _number(settings.max_age), _number(settings.stale_while_revalidate), st.hits, st.stale, st.misses,
+            st.stored, st.too_big, st.evictions, st.invalidations, st.discarded_fills, ratio, reasons)
+
+
+def _number(value: float) -> str:
+    """60.0 -> '60', 0.5 -> '0.5' (a float8 column)."""
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 def _us(seconds: float) -> int:

@@ -80,6 +80,9 @@ class Fill:
     def fail(self) -> None:
         """The query failed or the client went away: waiters must run the query themselves."""
         self._cache._flights.pop(self.key, None)
+        entry = self._cache._entries.get(self.key)
+        if entry is not None:
+            entry.refreshing = False  # the next stale hit tries again
         for waiter in self.waiters:
             waiter(None)
 
@@ -101,6 +104,13 @@ class QueryCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def resize(self, settings: CacheSettings) -> None:
+        """New settings (a reload): entries stay; the byte bound applies at once."""
+        self.settings = settings
+        while self.bytes > settings.max_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
 
     def generation(self, table: str) -> int:
         return self._generations.get(table, 0)

@@ -9,9 +9,13 @@ at the client's login, as it would on PostgreSQL, and is checked only once).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
+from hyperpool.cache import Fill, QueryCache
+from hyperpool.caching import Classifier, Request, storable
 from hyperpool.config import DatabaseConfig
 from hyperpool.errors import UpstreamErrorResponse
 from hyperpool.pool import Pool
@@ -21,11 +25,16 @@ from hyperpool.stats import DatabaseStats, StatsWindow
 from hyperpool.upstream import TRACKED_REPORTED, Rows, ServerConnection, open_server, set_statements
 
 _MAX_VALIDATED = 1024
+_READY_IDLE = messages.ready_for_query(b"I")
+# Who a cache refresh's settings are applied for (a server connection compares clients by identity).
+_REFRESHER: Any = object()
+log = logging.getLogger("hyperpool.database")
 
 
 class Database:
     def __init__(self, config: DatabaseConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.pool: Pool[ServerConnection] = Pool(config.name, config.pool, self._connect, clock)
         self.server_params: dict[str, str] | None = None
         self._validated: dict[frozenset[tuple[str, str]], tuple[bytes, dict[str, str]]] = {}
@@ -38,6 +47,10 @@ class Database:
         self.catalog_loaded_at = 0.0  # clock time of the last attempt to read it
         self.catalog_reads = 0  # successful reads
         self.catalog_wanted = False  # read once a client has logged in (no server connection before that)
+        # the query cache (transaction pooling only) and what judges statements for it, once the catalog is read
+        self.cache: QueryCache | None = _new_cache(config)
+        self.classifier: Classifier | None = None
+        self._catalog_epoch = 0  # bumped by DDL: a read that started before it is not used
 
     async def _connect(self) -> ServerConnection:
         conn = await open_server(self.config, self.config.pool.server_connect_timeout)
@@ -53,6 +66,7 @@ class Database:
                           old.host, old.port, old.dbname, old.user, old.password,
                           old.sslmode, old.sslrootcert, old.connect_options)
         self.config = config
+        self._reconfigure_cache(config)
         if origin_changed:
             self.server_params = None
             self._validated.clear()
@@ -60,6 +74,20 @@ class Database:
             for conn in list(self.pool.idle):
                 self.pool.discard(conn, "origin changed by reload")
         self.pool.resize(config.pool)
+
+    def _reconfigure_cache(self, config: DatabaseConfig) -> None:
+        if _new_cache(config) is None:
+            self.cache = None
+        elif self.cache is None:
+            self.cache = _new_cache(config)
+        else:
+            self.cache.resize(config.cache)
+
+    def catalog_changed(self) -> None:
+        """Forwarded DDL committed: classify nothing (so store nothing) until the catalog is read again."""
+        self.catalog = None
+        self.classifier = None
+        self._catalog_epoch += 1
 
     async def prepare_client(self, wanted: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         """(ParameterStatus messages for the client, its settings in the database's canonical form).
@@ -109,18 +137,56 @@ class Database:
 
     async def load_catalog(self) -> Catalog:
         """Read the catalog classification needs, on a pooled connection, and keep it (at start, on reload)."""
+        epoch = self._catalog_epoch
         conn = await self.pool.acquire()
         try:
             results: list[Rows] = []
+            path: Rows = []
+            await self._run_internal(conn, "SELECT pg_catalog.current_setting('search_path')", path)
             for sql in CATALOG_QUERIES:
                 rows: Rows = []
                 await self._run_internal(conn, sql, rows)
                 results.append(rows)
         finally:
             self._give_back(conn)
-        self.catalog = Catalog.from_rows(*results)
+        catalog = Catalog.from_rows(*results)
+        if epoch != self._catalog_epoch:  # DDL committed while it was read: the read after it counts
+            return catalog
+        self.catalog = catalog
+        default_path = path[0][0] if path and path[0] and path[0][0] is not None else '"$user", public'
+        self.classifier = Classifier(catalog, self.config.user, default_path)
         self.catalog_reads += 1
-        return self.catalog
+        return catalog
+
+    async def refresh(self, fill: Fill, request: Request, wanted: dict[str, str]) -> None:
+        """Run a stale entry's request again on a pooled connection with the client's settings (in the
+        background, stale-while-revalidate) and store the new response."""
+        try:
+            conn = await self.pool.acquire()
+        except Exception as exc:
+            fill.fail()
+            log.info("cache refresh on database %s got no server connection: %s", self.config.name, exc)
+            return
+        done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        raw = bytearray()
+
+        def finished(_conn: ServerConnection, status: bytes, error: dict[str, str] | None) -> None:
+            if not done.done():
+                done.set_result(None if error is not None or status != b"I" else bytes(raw[request.strip:]))
+
+        response: bytes | None = None
+        try:
+            conn.apply_settings(_REFRESHER, wanted)
+            conn.send_internal(request.replay, finished, raw)
+            body = await done
+            if body is not None and storable(body + _READY_IDLE):
+                response = body + _READY_IDLE
+        finally:
+            self._give_back(conn)
+            if response is None:
+                fill.fail()
+            else:
+                fill.store(response, self.clock())
 
     @staticmethod
     async def _run_internal(conn: ServerConnection, sql: str, rows: Rows | None = None) -> None:
@@ -135,3 +201,11 @@ class Database:
         if error is not None:
             error = {**error, "S": "FATAL", "V": "FATAL"}
             raise UpstreamErrorResponse(error)
+
+
+def _new_cache(config: DatabaseConfig) -> QueryCache | None:
+    """The query cache serves idle clients of transaction pooling (in session mode, nothing tells hyperpool
+    about a client's temporary tables)."""
+    if not config.cache.enabled or config.pool.pool_mode != "transaction":
+        return None
+    return QueryCache(config.cache)

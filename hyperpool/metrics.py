@@ -26,11 +26,13 @@ from hyperpool.config import HEALTH_PATH, METRICS_PATH, READY_PATH
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from hyperpool.cache import QueryCache
     from hyperpool.server import ServerState
 
 log = logging.getLogger("hyperpool.metrics")
 
 CLIENT_STATES = ("active", "waiting", "idle", "pinned")
+CACHE_LOOKUPS = ("hit", "stale", "miss")  # hyperpool_cache_requests_total's status, with the not-cacheable reasons
 SERVER_STATES = ("active", "idle", "connecting")
 _MAX_REQUEST = 8192
 
@@ -104,6 +106,39 @@ class StateCollector(Collector):
         info.add_metric([__version__], 1)
         yield from (clients, servers, size, limit, *counters.values(), closed, errors, wait, duration, pins, auth,
                     info)
+        yield from _cache_metrics(state)
+
+
+def _cache_metrics(state: ServerState) -> list[Metric]:
+    """hyperpool_cache_*: only databases with a query cache (enabled, transaction pooling) have them."""
+    requests = CounterMetricFamily("hyperpool_cache_requests",
+                                   "Query cache lookups by status (hit, stale, miss), and statements not cacheable "
+                                   "by why.", labels=["database", "status"])
+    counters = {name: CounterMetricFamily(f"hyperpool_cache_{name}", doc, labels=["database"]) for name, doc in (
+        ("evictions", "Cache entries dropped to stay under max_bytes."),
+        ("invalidations", "Cache entries dropped because a table they read was written (or purged)."),
+        ("stored", "Responses stored in the cache."),
+        ("too_big", "Responses not stored because they were over max_entry_bytes."))}
+    size = GaugeMetricFamily("hyperpool_cache_bytes", "Bytes of responses in the cache.", labels=["database"])
+    entries = GaugeMetricFamily("hyperpool_cache_entries", "Responses in the cache.", labels=["database"])
+    for name, database in sorted(state.databases.items()):
+        cache = database.cache
+        if cache is None:
+            continue
+        for status, value in _cache_requests(cache):
+            requests.add_metric([name, status], value)
+        st = cache.stats
+        for key, value in (("evictions", st.evictions), ("invalidations", st.invalidations),
+                           ("stored", st.stored), ("too_big", st.too_big)):
+            counters[key].add_metric([name], value)
+        size.add_metric([name], cache.bytes)
+        entries.add_metric([name], len(cache))
+    return [requests, *counters.values(), size, entries]
+
+
+def _cache_requests(cache: QueryCache) -> list[tuple[str, int]]:
+    st = cache.stats
+    return [*zip(CACHE_LOOKUPS, (st.hits, st.stale, st.misses), strict=True), *sorted(st.not_cacheable.items())]
 
 
 def registry_for(state: ServerState) -> CollectorRegistry:

@@ -142,6 +142,7 @@ class ServerState:
         for name in list(self.databases):
             if name not in config.databases:
                 self.spawn(self.databases.pop(name).pool.close())
+        caching = {name: database.cache is not None for name, database in self.databases.items()}
         for name, db in config.databases.items():
             if name in self.databases:
                 self.databases[name].reconfigure(db)
@@ -150,6 +151,11 @@ class ServerState:
                 self.databases[name].pool.maintain()
         self.config = config
         self._apply_slow_query()
+        switched = {database for name, database in self.databases.items()
+                    if caching.get(name) is not None and caching[name] != (database.cache is not None)}
+        for session in list(self.sessions):
+            if session.database in switched:
+                session.cache_switched()
         for database in self.databases.values():
             self.refresh_catalog(database)  # DDL may have happened; a new origin surely has another catalog
             # (only for databases clients use: refresh_catalog checks)

@@ -20,6 +20,16 @@ from typing import TYPE_CHECKING, cast
 
 from hyperpool import auth
 from hyperpool.admin import AdminConsole
+from hyperpool.cache import STALE, Fill
+from hyperpool.caching import (
+    Request,
+    commits_prepared,
+    extended_request,
+    rolls_back,
+    settings_key,
+    simple_request,
+    storable,
+)
 from hyperpool.config import ADMIN_DATABASES
 from hyperpool.database import Database
 from hyperpool.errors import ClientProtocolError, PoolError, ProxyError, UpstreamError, error_response
@@ -38,6 +48,7 @@ from hyperpool.protocol.framing import (
 )
 from hyperpool.protocol.tracker import FAIL, FAKE, SWALLOW_CLOSE, SWALLOW_PARSE
 from hyperpool.sql import effects as sql_effects
+from hyperpool.sql.classify import Verdict
 from hyperpool.stats import count_error
 from hyperpool.upstream import Rows, ServerConnection, send_cancel, snapshot_sql
 
@@ -69,15 +80,22 @@ LONG_WAIT = 1.0  # seconds: a client that waited longer for a server connection 
 # Flush asks the server to send what it has: it neither starts nor continues a transaction
 # (psycopg's executemany sends Sync then Flush), and with no server attached there is nothing to flush.
 _FLUSH = b"H"
+_FUNCTION_CALL = ord("F")
 
 
-def check_rules(look: sql_effects.Predicate) -> dict[int, CheckRule]:
+def _everything(data: bytes, start: int, stop: int) -> bool:
+    """The query cache looks at every Query and Parse."""
+    return True
+
+
+def check_rules(look: sql_effects.Predicate, caching: bool = False) -> dict[int, CheckRule]:
     """What the client relay lets through without Python looking at it: statements whose text ``look``
-    finds nothing in, and extended-protocol messages that name only the unnamed statement (named
-    statements are renamed to hyperpool's, see prepared.py)."""
+    finds nothing in (none when the query cache is on), and extended-protocol messages that name only the
+    unnamed statement (named statements are renamed to hyperpool's, see prepared.py)."""
+    text = _everything if caching else look
     return {
-        _QUERY: ((b"",), look),
-        _PARSE: ((b"\x00",), look),
+        _QUERY: ((b"",), text),
+        _PARSE: ((b"\x00",), text),
         _BIND: ((b"\x00\x00",), None),
         _DESCRIBE: ((b"P", b"S\x00"), None),
         _CLOSE: ((b"P", b"S\x00"), None),
@@ -174,6 +192,16 @@ class ClientSession(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self._admin: AdminConsole | None = None
+        # the query cache (see caching.py): on when the database has one at login
+        self._caching = False
+        self._fill: Fill | None = None  # this client's query is filling the cache
+        self._capture: list[bytes] | None = None  # its response so far
+        self._captured = 0
+        self._held = 0  # queued items answered by another client's fill of the same key, when it comes
+        self._writes: set[str] = set()  # tables written since the transaction began: invalidated at its end
+        self._writes_all = False  # ... or every table of the database
+        self._ddl = False  # ... and the catalog must be read again
+        self._rolled_back = False  # the last statement sent was ROLLBACK: the writes never happened
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -407,10 +435,12 @@ class ClientSession(asyncio.Protocol):
         transaction_mode = self.pool_mode == "transaction"
         self._refusing = transaction_mode and self.database.config.pool.pinning == "refuse"
         self._look = sql_effects.worth_parsing_refusing if self._refusing else sql_effects.worth_parsing
+        self._caching = transaction_mode and self.database.cache is not None
         # In session mode the client keeps its server connection: its statements need no renaming.
         self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END, through=b"d",
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES,
-                                    checks=check_rules(self._look) if transaction_mode else None, record=True,
+                                    checks=check_rules(self._look, self._caching) if transaction_mode else None,
+                                    record=True,
                                     neutral=_FLUSH)
         rest = self._setup.take_rest()
         if rest:
@@ -442,6 +472,8 @@ class ClientSession(asyncio.Protocol):
             self.fail(ClientProtocolError(str(exc)))  # (a connection out of step is discarded, not reused)
 
     def _route(self, events: list[bytes | memoryview | Message], syncs: int, kinds: bytearray) -> None:
+        if self._caching and self._from_cache(events, syncs, kinds):
+            return
         server = self.server
         if server is None and kinds and kinds.count(_FLUSH) == len(kinds) and not self._queued and \
                 self._attach_task is None:
@@ -476,6 +508,8 @@ class ClientSession(asyncio.Protocol):
             return False
         server.prepared.move_to_end(stmt.name)
         self._bound.append(stmt)
+        if self._caching:
+            self._note_statement(stmt)
         kinds[0] = _BIND
         server.record(kinds)
         server.transmit(messages.bind_renamed(msg.payload, portal, stmt.name, offset) + rest,  # type: ignore[operator]
@@ -527,7 +561,7 @@ class ClientSession(asyncio.Protocol):
                 self._send(server, items)
             return
         self._queued.extend((bytes(d) if type(d) is memoryview else d, n, k) for d, n, k in items)
-        if self._attach_task is None and self.server is None:
+        if self._attach_task is None and self.server is None and not self._held:
             self._attach_task = self._loop.create_task(self._attach())
 
     def _prepared_here(self, items: list[tuple[bytes | Message, int, bytes | bytearray]]) -> bool:
@@ -546,6 +580,170 @@ class ClientSession(asyncio.Protocol):
         self.statements[name] = stmt
         self.send(messages.PARSE_COMPLETE + _READY_IDLE)
         return True
+
+    # --- the query cache ------------------------------------------------------------------
+
+    def _from_cache(self, events: list[bytes | memoryview | Message], syncs: int, kinds: bytearray) -> bool:
+        """Answer a request group from the query cache (True), or let it go to a server (False); on a miss
+        the response is captured for the cache while it streams to this client."""
+        if self._held:
+            self._forward_mixed(events, kinds)  # queued behind the request another client's fill answers
+            return True
+        if self._fill is not None:
+            self._abandon_fill()  # more requests behind the filling one: its response would not end alone
+        database = self.database
+        assert database is not None
+        cache = database.cache
+        if cache is None:
+            return False
+        if _FUNCTION_CALL in kinds:
+            self._writes_all = True  # a fast-path function call may write anything
+        first = events[0] if events else None
+        if type(first) is not Message or first.type not in (_QUERY, _PARSE, _BIND):
+            return False
+        if self.server is not None or self._queued or self._attach_task is not None or self.pins:
+            if first.type != _BIND:
+                cache.count_not_cacheable("pinned" if self.pins else "transaction")
+            return False
+        classifier = database.classifier
+        if classifier is None or self.state.shutting_down:
+            cache.count_not_cacheable("no-catalog")
+            return False
+        request = self._cache_request(first, events) \
+            if syncs == 1 and kinds[-1] in (_MARK[0], _SYNC) and not self._unsynced else None
+        if request is None:
+            if first.type != _BIND:
+                cache.count_not_cacheable("pipelined")
+            return False
+        verdict = classifier.verdict(request.sql, self.wanted.get("search_path"))
+        if not verdict.cacheable:
+            cache.count_not_cacheable(verdict.reason)
+            return False
+        status, entry = cache.lookup(request.key, database.clock())
+        if entry is not None:
+            self.send(entry.response)
+            if status == STALE and cache.begin_refresh(request.key, entry):
+                fill = cache.begin_fill(request.key, verdict.reads, verdict.max_age)
+                self.state.spawn(database.refresh(fill, request, dict(self.wanted)))
+            return True
+        if cache.join(request.key, self._joined):
+            self._held = -1  # (no server is taken for it meanwhile)
+            self._forward_mixed(events, kinds)
+            self._held = len(self._queued)
+            return True
+        self._fill = cache.begin_fill(request.key, verdict.reads, verdict.max_age)
+        self._capture = []
+        self._captured = 0
+        return False
+
+    def _cache_request(self, first: Message, events: list[bytes | memoryview | Message]) -> Request | None:
+        settings = settings_key(self.wanted)
+        if first.type == _QUERY:
+            return simple_request(first.raw, settings) if len(events) == 1 else None
+        if len(events) != 2 or type(events[1]) is Message:
+            return None
+        rest = bytes(events[1])  # type: ignore[arg-type]
+        if first.type == _PARSE:
+            name, sql, types = messages.decode_parse(first.payload)
+            return None if name else extended_request(None, (sql, types), rest, settings)
+        _, name, _ = messages.decode_bind_names(first.payload)
+        stmt = self.statements.get(name)
+        if stmt is None:
+            return None
+        return extended_request(first.payload, None, rest, settings, (stmt.sql, stmt.types))
+
+    def _joined(self, response: bytes | None) -> None:
+        """The fill this client waited for ended: its response answers the held request (or, when the
+        fill failed, the request goes to a server after all)."""
+        held, self._held = self._held, 0
+        if self.phase is not Phase.READY or not held:
+            return
+        if response is not None:
+            del self._queued[:held]
+            self.send(response)
+        if self._queued and self.server is None and self._attach_task is None:
+            self._attach_task = self._loop.create_task(self._attach())
+
+    def _keep(self, data: bytes | memoryview) -> None:
+        """Part of a response that fills the cache."""
+        capture = self._capture
+        assert capture is not None and self.database is not None
+        self._captured += len(data)
+        cache = self.database.cache
+        if cache is None or self._captured > cache.settings.max_entry_bytes:
+            if cache is not None:
+                cache.stats.too_big += 1
+            self._abandon_fill()  # returned, not stored: clients waiting for it run the query themselves
+            return
+        capture.append(data if type(data) is bytes else bytes(data))
+
+    def _fill_done(self, status: bytes) -> None:
+        fill, self._fill = self._fill, None
+        capture, self._capture = self._capture, None
+        assert fill is not None and self.database is not None
+        response = b"".join(capture) if capture is not None and status == b"I" else b""
+        if storable(response):
+            fill.store(response, self.database.clock())
+        else:
+            fill.fail()
+
+    def _abandon_fill(self) -> None:
+        fill, self._fill = self._fill, None
+        self._capture = None
+        if fill is not None:
+            fill.fail()
+
+    def _note_text(self, sql: bytes) -> None:
+        """A Query or Parse text goes to the server: remember the tables it may write."""
+        database = self.database
+        assert database is not None
+        classifier = database.classifier
+        if classifier is None:  # no catalog yet (or DDL is being read): nothing can be ruled out
+            self._writes_all = True
+            return
+        self._wrote(classifier.verdict(sql, self.wanted.get("search_path")))
+
+    def _note_statement(self, stmt: Statement) -> None:
+        """A named statement is executed: remember the tables it may write."""
+        if self.database is not None and self.database.cache is not None:
+            self._note_text(stmt.sql)
+
+    def _wrote(self, verdict: Verdict) -> None:
+        if verdict.writes_all:
+            self._writes_all = True
+            if verdict.reason != "write":  # DDL (a DO block, CALL or EXECUTE says "write"): read the catalog
+                self._ddl = True
+        elif verdict.writes:
+            self._writes.update(verdict.writes)
+        else:
+            return
+        self._rolled_back = False
+
+    def _publish_writes(self) -> None:
+        """The transaction that wrote ended (ReadyForQuery 'I'): what read its tables is gone from the cache."""
+        database = self.database
+        assert database is not None
+        cache = database.cache
+        if not self._rolled_back:
+            if cache is not None:
+                if self._writes_all:
+                    cache.invalidate_all()
+                else:
+                    cache.invalidate(self._writes)
+            if self._ddl:
+                database.catalog_changed()
+                self.state.refresh_catalog(database)
+        if not self._unsynced or self._rolled_back:  # (more requests are on their way: they may be in it)
+            self._writes = set()
+            self._writes_all = self._ddl = False
+
+    def cache_switched(self) -> None:
+        """A reload turned the database's cache on or off: look at every statement from now on (or not)."""
+        database = self.database
+        if self._reader is None or database is None or self.pool_mode != "transaction":
+            return
+        self._caching = database.cache is not None
+        self._reader.checks.update(check_rules(self._look, self._caching))
 
     async def _attach(self) -> None:
         assert self.database is not None
@@ -651,6 +849,13 @@ class ClientSession(asyncio.Protocol):
                 out.append(messages.query(f'DEALLOCATE "~{effects.deallocates[0]}"'))
                 return 1
         self._note(server, effects)
+        if self._caching:
+            sql = msg.payload[:-1]
+            self._note_text(sql)
+            if rolls_back(sql):
+                self._rolled_back = True
+            elif commits_prepared(sql):
+                self._writes_all = True
         server.record(b"Q")
         out.append(msg.raw)
         return 1
@@ -675,6 +880,8 @@ class ClientSession(asyncio.Protocol):
             raw = messages.parse(name, sql, types)
         else:
             self._note(server, effects)
+        if self._caching:
+            self._note_text(sql)
         if not name:
             server.record(b"P")
             out.append(raw)
@@ -775,6 +982,8 @@ class ClientSession(asyncio.Protocol):
             if isinstance(target, Statement):
                 self._prepare_on(server, target, out)
                 self._bound.append(target)
+                if self._caching:
+                    self._note_statement(target)
                 if target.stateful:  # e.g. set_config(): each execution may change session state
                     server.state_changed = True
                     server.dirty_for = self
@@ -809,10 +1018,16 @@ class ClientSession(asyncio.Protocol):
     # --- relay: server -> client (called by ServerConnection) ----------------------------
 
     def server_data(self, data: bytes | memoryview) -> None:
+        if self._capture is not None:
+            self._keep(data)
         if self.transport is not None:
             self.transport.write(data)
 
     def server_ready(self, server: ServerConnection, status: bytes) -> None:
+        if self._fill is not None:
+            self._fill_done(status)
+        if status == b"I" and (self._writes or self._writes_all):
+            self._publish_writes()
         if status != b"I" or self._unsynced or self.pool_mode != "transaction":
             return
         if server.state_changed:
@@ -963,6 +1178,9 @@ class ClientSession(asyncio.Protocol):
                 task.cancel()
         if self.database is not None:
             self.database.clients -= 1
+        self._abandon_fill()
+        if self._writes or self._writes_all:
+            self._publish_writes()  # a COMMIT may have been on its way: assume it happened
         server, self.server = self.server, None
         if server is not None:
             server.client = None

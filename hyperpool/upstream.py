@@ -165,7 +165,8 @@ class ServerConnection(asyncio.Protocol):
         # Fast path: the request types sent and not yet answered by a ReadyForQuery (see protocol.tracker).
         self.requests = bytearray()
         self.tracker: ResponseTracker | None = None  # set while responses are tracked one by one
-        self._internal: deque[tuple[InternalDone | None, Rows | None]] = deque()
+        # hyperpool's queries in flight: what to call when answered, and where rows go (decoded, or raw bytes)
+        self._internal: deque[tuple[InternalDone | None, Rows | bytearray | None]] = deque()
         self._internal_error: dict[str, str] | None = None
         self._internal_drained: list[Callable[[], None]] = []
         self._setup: FrameBuffer | None = FrameBuffer(max_length=1 << 20)
@@ -259,8 +260,13 @@ class ServerConnection(asyncio.Protocol):
         owed = len(self._internal)
         for ev in events:
             if type(ev) is not Message:
-                if not owed and self.client is not None:
-                    out.append(ev)  # type: ignore[arg-type]
+                if not owed:
+                    if self.client is not None:
+                        out.append(ev)  # type: ignore[arg-type]
+                else:
+                    sink = self._internal[0][1]
+                    if type(sink) is bytearray:  # hyperpool's own query, captured raw (a cache refresh)
+                        sink += ev  # type: ignore[arg-type]
                 continue
             kind = ev.type
             if owed:
@@ -304,14 +310,18 @@ class ServerConnection(asyncio.Protocol):
 
     def _internal_message(self, kind: int, ev: Message) -> None:
         """A response to hyperpool's own query: never shown to a client."""
+        sink = self._internal[0][1]
+        if type(sink) is bytearray and kind != 90:
+            sink += ev.raw
+            sink = None
         if kind == 90:  # 'Z'
             self.tx_status = ev.payload[:1]
             self._finish_internal()
         elif kind == 69:  # 'E'
             self._internal_error = messages.decode_error_fields(ev.payload)
         elif kind == 68:  # 'D'
-            rows = self._internal[0][1]
-            if rows is not None:
+            rows = sink
+            if type(rows) is list:
                 with contextlib.suppress(ProtocolViolation):
                     rows.append(messages.decode_data_row(ev.payload))
         elif kind == 83:  # 'S'
@@ -479,9 +489,11 @@ class ServerConnection(asyncio.Protocol):
         else:
             callback()
 
-    def send_internal(self, sql: str | bytes, done: InternalDone | None = None, rows: Rows | None = None) -> None:
+    def send_internal(self, sql: str | bytes, done: InternalDone | None = None,
+                      rows: Rows | bytearray | None = None) -> None:
         """Run ``sql`` (or send raw extended-protocol messages ending in Sync) for hyperpool itself;
-        its response never reaches a client. DataRows go to ``rows`` when given."""
+        its response never reaches a client. DataRows go to ``rows`` when given: decoded into a list, or,
+        into a bytearray, every message before the ReadyForQuery as the server sent it."""
         if not self._writable():
             if done is not None:
                 done(self, b"", {"S": "FATAL", "C": "08006", "M": "server connection closed"})

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import yaml
 
+from hyperpool.cache import QueryCache
 from hyperpool.embedded import EmbeddedPostgres, find_pg_bindir
 from tests.support import (
     APP_PASSWORD,
@@ -107,8 +108,8 @@ def test_waiting_clients_show_in_pools(pg: EmbeddedPostgres) -> None:
     try:
         holder = hold_the_server(proxy.port)
         waiters = [raw_login(proxy.port) for _ in range(3)]
-        for w in waiters:
-            w.sendall(query_msg("select 1"))
+        for i, w in enumerate(waiters):  # distinct texts: identical misses would share one query cache fill
+            w.sendall(query_msg(f"select {i}"))
         with console(proxy) as adm:
             for _ in range(50):
                 row = columns(adm, "SHOW POOLS")[1][0]
@@ -150,7 +151,8 @@ def test_pause_resume_reconnect_kill(admin_proxy: ProxyRunner) -> None:
 def test_unknown_commands_and_bad_arguments(admin_proxy: ProxyRunner) -> None:
     with console(admin_proxy) as adm:
         for sql, code in [("SHOW NOTHING", "42601"), ("FROBNICATE", "42601"), ("PAUSE nosuchdb", "3D000"),
-                          ("KILL", "42601"), ("RELOAD now", "42601")]:
+                          ("KILL", "42601"), ("RELOAD now", "42601"), ("CACHE", "42601"), ("CACHE FLUSH", "42601"),
+                          ("CACHE PURGE appdb appdb", "42601"), ("CACHE PURGE nosuchdb", "3D000")]:
             with pytest.raises(psycopg.Error) as info:
                 simple(adm, sql)
             assert info.value.sqlstate == code, sql
@@ -213,3 +215,106 @@ def test_psql_and_shutdown(admin_proxy: ProxyRunner) -> None:
     with pytest.raises(psycopg.OperationalError):  # no longer listening
         psycopg.connect(f"host=127.0.0.1 port={port} user=app password={APP_PASSWORD} dbname={APPDB}",
                         connect_timeout=3)
+
+
+# --- the query cache -------------------------------------------------------------------------------------
+
+CACHE_SETTINGS = {"max_age": 30, "stale_while_revalidate": 5.5, "max_bytes": 120, "max_entry_bytes": 100}
+CACHE_COLUMNS = ["database", "enabled", "entries", "bytes", "max_bytes", "max_entry_bytes", "max_age",
+                 "stale_while_revalidate", "hits", "stale", "misses", "stored", "too_big", "evictions",
+                 "invalidations", "discarded_fills", "hit_ratio", "not_cacheable"]
+
+
+def cache_config(pg: EmbeddedPostgres, **overrides: Any) -> dict[str, Any]:
+    """appdb with a small cache (CACHE_SETTINGS), nocache with the cache disabled, sessiondb in session mode."""
+    cfg = admin_config(pg, db={"cache": CACHE_SETTINGS}, **overrides)
+    appdb = cfg["databases"][APPDB]
+    cfg["databases"]["nocache"] = {**appdb, "cache": {"enabled": False}}
+    cfg["databases"]["sessiondb"] = {**appdb, "pool_mode": "session"}
+    return cfg
+
+
+def populate_cache(cache: QueryCache) -> None:
+    """Through QueryCache's own API, with CACHE_SETTINGS: ends with 2 entries of 110 bytes, 2 hits, 1 stale,
+    1 miss, 3 stored, 1 too big, 1 eviction, and not cacheable: write 3, transaction 5."""
+    cache.lookup(("q1",), 0.0)  # miss
+    cache.begin_fill(("q1",), ["public.t"]).store(b"a" * 40, 0.0)
+    cache.lookup(("q1",), 10.0)  # hit
+    cache.lookup(("q1",), 30.0)  # hit (max_age 30)
+    cache.lookup(("q1",), 33.0)  # stale (up to 30 + 5.5)
+    cache.begin_fill(("q2",), ["public.u"]).store(b"b" * 60, 0.0)
+    cache.begin_fill(("q3",), ["public.u"]).store(b"c" * 101, 0.0)  # over max_entry_bytes
+    cache.begin_fill(("q4",), ["public.v"]).store(b"d" * 50, 0.0)  # 150 > max_bytes 120: q1 (oldest) goes
+    for reason, count in (("write", 3), ("transaction", 5)):
+        for _ in range(count):
+            cache.count_not_cacheable(reason)
+
+
+def _cache(runner: ProxyRunner, name: str = APPDB) -> QueryCache:
+    cache = runner.state.databases[name].cache
+    assert isinstance(cache, QueryCache)
+    return cache
+
+
+def _cache_rows(adm: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    names, rows = columns(adm, "SHOW CACHE")
+    assert names == CACHE_COLUMNS
+    return {row[0]: dict(zip(names, row, strict=True)) for row in rows}
+
+
+@pytest.fixture
+def cache_proxy(pg: EmbeddedPostgres) -> Any:
+    runner = start_proxy(cache_config(pg))
+    yield runner
+    runner.stop()
+
+
+def test_show_cache(cache_proxy: ProxyRunner) -> None:
+    with console(cache_proxy) as adm:
+        rows = _cache_rows(adm)
+        assert list(rows) == [APPDB, "nocache", "sessiondb"]
+        assert rows[APPDB] == {**dict.fromkeys(CACHE_COLUMNS, 0), "database": APPDB, "enabled": "yes",
+                               "max_bytes": 120, "max_entry_bytes": 100, "max_age": 30.0,
+                               "stale_while_revalidate": 5.5, "hit_ratio": "", "not_cacheable": ""}
+        cache_proxy.run(populate_cache, _cache(cache_proxy))
+        rows = _cache_rows(adm)
+        assert rows[APPDB] == {
+            "database": APPDB, "enabled": "yes", "entries": 2, "bytes": 110, "max_bytes": 120,
+            "max_entry_bytes": 100, "max_age": 30.0, "stale_while_revalidate": 5.5, "hits": 2, "stale": 1,
+            "misses": 1, "stored": 3, "too_big": 1, "evictions": 1, "invalidations": 0, "discarded_fills": 0,
+            "hit_ratio": "0.75", "not_cacheable": "transaction=5 write=3"}
+        # no cache object (disabled; session pooling): enabled no and zeros
+        for name in ("nocache", "sessiondb"):
+            assert cache_proxy.state.databases[name].cache is None
+            assert rows[name] == {**dict.fromkeys(CACHE_COLUMNS, 0), "database": name, "enabled": "no",
+                                  "hit_ratio": "", "not_cacheable": ""}
+        help_lines = [r[0] for r in simple(adm, "SHOW HELP")]
+        assert "CACHE PURGE [db]" in help_lines and "| CACHE |" in help_lines[0]
+
+
+def test_cache_purge(cache_proxy: ProxyRunner) -> None:
+    cache = _cache(cache_proxy)
+    cache_proxy.run(populate_cache, cache)
+    with console(cache_proxy) as adm:
+        cur = psycopg.ClientCursor(adm)
+        cur.execute("CACHE PURGE nocache")  # a database without a cache: nothing to do
+        assert cur.statusmessage == "CACHE PURGE"
+        assert (_cache_rows(adm)[APPDB]["entries"], _cache_rows(adm)[APPDB]["bytes"]) == (2, 110)
+        cur.execute("cache purge appdb;")
+        assert cur.statusmessage == "CACHE PURGE"
+        row = _cache_rows(adm)[APPDB]
+        assert (row["entries"], row["bytes"], row["invalidations"]) == (0, 0, 2)
+        assert (row["hits"], row["stored"]) == (2, 3)  # the counters stay
+        assert cache_proxy.run(cache.lookup, ("q2",), 1.0)[0] == "miss"  # really gone
+
+        cache_proxy.run(lambda: cache.begin_fill(("q5",), ["public.t"]).store(b"e" * 10, 2.0))
+        assert _cache_rows(adm)[APPDB]["entries"] == 1
+        cur.execute("CACHE PURGE")  # every database
+        assert cur.statusmessage == "CACHE PURGE"
+        row = _cache_rows(adm)[APPDB]
+        assert (row["entries"], row["bytes"], row["invalidations"]) == (0, 0, 3)
+
+        with pytest.raises(psycopg.Error) as info:
+            simple(adm, "CACHE PURGE nosuchdb")
+        assert info.value.sqlstate == "3D000" and "nosuchdb" in str(info.value)
+        assert list(_cache_rows(adm)) == [APPDB, "nocache", "sessiondb"]  # the console still answers

@@ -63,6 +63,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
         ("hyperpool_cache_requests_total", "counter", "database status"),
         ("hyperpool_cache_evictions_total", "counter", "database"),
         ("hyperpool_cache_invalidations_total", "counter", "database"),
+        ("hyperpool_cache_stored_total", "counter", "database"),
+        ("hyperpool_cache_too_big_total", "counter", "database"),
         ("hyperpool_cache_bytes", "gauge", "database"),
         ("hyperpool_cache_entries", "gauge", "database"),
         ("hyperpool_client_wait_seconds", "histogram", "database"),

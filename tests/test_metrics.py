@@ -28,6 +28,7 @@ from tests.support import (
     read_messages,
     start_proxy,
 )
+from tests.test_admin import cache_config, populate_cache
 
 
 def get(proxy: ProxyRunner, path: str) -> tuple[int, str]:
@@ -85,8 +86,8 @@ def test_waiting_clients_are_counted(pg: EmbeddedPostgres) -> None:
     try:
         holder = hold_the_server(proxy.port)
         waiters = [raw_login(proxy.port) for _ in range(10)]
-        for w in waiters:
-            w.sendall(query_msg("select 1"))
+        for i, w in enumerate(waiters):  # distinct texts: identical misses would share one query cache fill
+            w.sendall(query_msg(f"select {i}"))
         for _ in range(100):
             samples = scrape(proxy)
             if value(samples, "hyperpool_clients", database=APPDB, user=OWNER, state="waiting") == 10:
@@ -160,9 +161,47 @@ def test_every_metric_the_deploy_dashboard_uses_is_exposed(metrics_proxy: ProxyR
     _, text = get(metrics_proxy, "/metrics")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name, (kind, labels) in METRICS.items():
-        if name.startswith("hyperpool_cache_"):
-            continue  # the query cache is issue #4: not served yet
         family = families.get(name.removesuffix("_total"))
         assert family is not None and family.type == kind, name
         for sample in family.samples:
             assert set(sample.labels) - {"le"} == labels, (name, sample)
+    assert {name for name in METRICS if name.startswith("hyperpool_cache_")} == CACHE_METRICS
+
+
+CACHE_METRICS = {"hyperpool_cache_requests_total", "hyperpool_cache_evictions_total",
+                 "hyperpool_cache_invalidations_total", "hyperpool_cache_stored_total",
+                 "hyperpool_cache_too_big_total", "hyperpool_cache_bytes", "hyperpool_cache_entries"}
+
+
+def test_cache_metrics(pg: EmbeddedPostgres) -> None:
+    cfg = cache_config(pg, metrics={"host": "127.0.0.1", "port": 0})
+    proxy = start_proxy(cfg)
+    try:
+        cache = proxy.state.databases[APPDB].cache
+        assert cache is not None
+        empty = scrape(proxy)
+        for status in ("hit", "stale", "miss"):  # present from the start, at zero
+            assert (("hyperpool_cache_requests_total", (("database", APPDB), ("status", status))) in empty)
+        assert value(empty, "hyperpool_cache_entries", database=APPDB) == 0
+        assert ("hyperpool_cache_bytes", (("database", APPDB),)) in empty
+
+        proxy.run(populate_cache, cache)
+        samples = scrape(proxy)
+        requests = {dict(labels)["status"]: v for (name, labels), v in samples.items()
+                    if name == "hyperpool_cache_requests_total" and dict(labels)["database"] == APPDB}
+        assert requests == {"hit": 2, "stale": 1, "miss": 1, "write": 3, "transaction": 5}
+        for name, expected in (("evictions_total", 1), ("invalidations_total", 0), ("stored_total", 3),
+                               ("too_big_total", 1), ("bytes", 110), ("entries", 2)):
+            assert value(samples, f"hyperpool_cache_{name}", database=APPDB) == expected, name
+        # databases without a cache object emit none of them
+        cached = {dict(labels)["database"] for (name, labels), _ in samples.items()
+                  if name.startswith("hyperpool_cache_")}
+        assert cached == {APPDB}
+        assert {name for name, _ in samples if name.startswith("hyperpool_cache_")} == CACHE_METRICS
+
+        assert proxy.run(cache.purge) == 2
+        samples = scrape(proxy)
+        for name, expected in (("invalidations_total", 2), ("bytes", 0), ("entries", 0), ("stored_total", 3)):
+            assert value(samples, f"hyperpool_cache_{name}", database=APPDB) == expected, name
+    finally:
+        proxy.stop()
