@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 USER = DBNAME = PASSWORD = "bench"
 PGBOUNCER_BIN = Path("/usr/sbin/pgbouncer")
+PGPOOL_BIN = Path("/usr/sbin/pgpool")
 RUN_AS = "postgres"
 START_TIMEOUT = 30.0
 LOG_TAIL_LINES = 30
@@ -91,6 +92,23 @@ def psql_select_1(port: int) -> str | None:
     return None if out.returncode == 0 and out.stdout.strip() == "1" else (out.stderr or out.stdout).strip()
 
 
+def run_psql(port: int, sql: str, dbname: str = DBNAME, timeout: float = 300.0) -> tuple[bool, str]:
+    """Run ``sql`` (one or more statements) on HOST:port as the bench user.
+
+    Returns (True, stdout: unaligned, ``|``-separated, with a header line) or (False, what psql said).
+    """
+    args = [tool("psql"), "-X", "-q", "-A", "-F", "|", "-P", "footer=off", "-v", "ON_ERROR_STOP=1",
+            "-h", HOST, "-p", str(port), "-U", USER, "-d", dbname, "-f", "-"]
+    try:
+        out = subprocess.run(args, input=sql, capture_output=True, text=True, errors="replace", timeout=timeout,
+                             env=client_env(), check=False)
+    except subprocess.TimeoutExpired:
+        return False, f"psql timed out after {timeout:.0f} s"
+    if out.returncode != 0:
+        return False, (out.stderr or out.stdout).strip() or f"psql exit code {out.returncode}"
+    return True, out.stdout
+
+
 def stop_group(proc: subprocess.Popen[bytes], first: signal.Signals) -> None:
     """Stop a child started with start_new_session=True: `first`, then SIGTERM, then SIGKILL.
 
@@ -113,6 +131,8 @@ class Pooler(Protocol):
     def died(self) -> str | None: ...
 
     def log_tail(self) -> str: ...
+
+    def cpu_seconds(self) -> float | None: ...
 
 
 class ManagedProcess:
@@ -233,10 +253,11 @@ class PgBouncer(ManagedProcess):
 class Hyperpool(ManagedProcess):
     name = "hyperpool"
 
-    def __init__(self, workdir: Path, pg_port: int, pool_size: int) -> None:
+    def __init__(self, workdir: Path, pg_port: int, pool_size: int, extra: dict[str, Any] | None = None) -> None:
         super().__init__(workdir)
         self.pg_port = pg_port
         self.pool_size = pool_size
+        self.extra = dict(extra or {})  # more top-level config keys (e.g. cache, admin), over the defaults below
         self.config = workdir / "hyperpool.yaml"
 
     def prepare(self) -> None:
@@ -245,6 +266,7 @@ class Hyperpool(ManagedProcess):
         config = {"listen": {"host": HOST, "port": self.port}, "auth_type": "scram-sha-256",
                   "pool_mode": "transaction", "max_client_conn": 1000, "shutdown_timeout": 5,
                   "log_level": "warning", "users": {USER: {"password": PASSWORD}}, "databases": {DBNAME: database}}
+        config.update(self.extra)
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         self.config.chmod(0o600)
 
@@ -255,6 +277,64 @@ class Hyperpool(ManagedProcess):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         return {"env": env, "cwd": REPO}
+
+
+class PgPool(ManagedProcess):
+    """pgpool-II 4.3 in raw mode with one backend, connection caching and its shared-memory query cache.
+
+    Clients authenticate with scram-sha-256 (pool_hba.conf) against a pool_passwd holding the plain
+    password (``TEXT`` prefix), which pgpool also uses for its own SCRAM login to PostgreSQL. It runs in
+    the foreground (``-n``) with every socket, pid, status and oid file in ``workdir``.
+    """
+
+    name = "pgpool"
+    stop_signal = signal.SIGINT  # fast shutdown; stop_group follows with SIGTERM and SIGKILL
+
+    def __init__(self, workdir: Path, pg_port: int, children: int, cache_expire: int) -> None:
+        super().__init__(workdir)
+        self.pg_port = pg_port
+        self.children = children  # num_init_children: pgpool serves one client per child process
+        self.cache_expire = cache_expire  # memqcache_expire, seconds (0 = until a write invalidates)
+        self.conf = workdir / "pgpool.conf"
+        self.hba = workdir / "pool_hba.conf"
+        self.pcp = workdir / "pcp.conf"
+        self.passwd = workdir / "pool_passwd"
+
+    def settings(self) -> dict[str, str]:
+        d = self.workdir
+        return {
+            "backend_clustering_mode": "'raw'", "listen_addresses": f"'{HOST}'", "port": str(self.port),
+            "socket_dir": f"'{d}'", "pcp_listen_addresses": "''", "pcp_socket_dir": f"'{d}'",
+            "wd_ipc_socket_dir": f"'{d}'", "pid_file_name": f"'{d}/pgpool.pid'", "logdir": f"'{d}'",
+            "backend_hostname0": f"'{HOST}'", "backend_port0": str(self.pg_port), "backend_weight0": "1",
+            "backend_flag0": "'DISALLOW_TO_FAILOVER'", "enable_pool_hba": "on", "pool_passwd": f"'{self.passwd}'",
+            "num_init_children": str(self.children), "max_pool": "1", "child_life_time": "0",
+            "connection_cache": "on", "load_balance_mode": "off", "health_check_period": "0",
+            "sr_check_period": "0", "failover_on_backend_error": "off", "use_watchdog": "off",
+            "log_destination": "'stderr'", "log_min_messages": "warning", "log_connections": "off",
+            "log_disconnections": "off", "log_statement": "off", "log_per_node_statement": "off",
+            "memory_cache_enabled": "on", "memqcache_method": "'shmem'", "memqcache_total_size": "64MB",
+            "memqcache_max_num_cache": "1000000", "memqcache_expire": str(self.cache_expire),
+            "memqcache_auto_cache_invalidation": "on", "memqcache_maxcache": "400kB",
+            "memqcache_cache_block_size": "1MB", "memqcache_oiddir": f"'{d}/oiddir'",
+        }
+
+    def prepare(self) -> None:
+        self.conf.write_text("".join(f"{key} = {value}\n" for key, value in self.settings().items()))
+        self.hba.write_text(f"local all all trust\nhost all all {HOST}/32 scram-sha-256\n")
+        self.passwd.write_text(f"{USER}:TEXT{PASSWORD}\n")
+        self.pcp.write_text("")  # no pcp users: the bench never uses pcp
+        (self.workdir / "oiddir").mkdir(exist_ok=True)
+        for path in (self.conf, self.hba, self.passwd, self.pcp):
+            path.chmod(0o600)
+        owner = run_as_owner()
+        if owner is not None:
+            for path in (self.workdir, *self.workdir.iterdir()):
+                os.chown(path, *owner)
+
+    def command(self) -> list[str]:
+        prefix = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", RUN_AS, "--"] if os.geteuid() == 0 else []
+        return [*prefix, str(PGPOOL_BIN), "-n", "-D", "-f", str(self.conf), "-a", str(self.hba), "-F", str(self.pcp)]
 
 
 def run_as_owner() -> tuple[int, int] | None:
