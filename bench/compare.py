@@ -448,7 +448,8 @@ def start_targets(stack: contextlib.ExitStack, pg: EmbeddedPostgres, workdir: Pa
         reason = f"{PGBOUNCER_BIN} not found (apt-get install pgbouncer)"
         print(f"SKIPPING PgBouncer: {reason}", file=sys.stderr, flush=True)
         targets.append(Target("pgbouncer", 0, skipped=reason))
-    hyperpool = Hyperpool(workdir, pg.port, args.pool_size)
+    # the forwarding path, as PgBouncer has it: no query cache (bench/cache.py measures that)
+    hyperpool = Hyperpool(workdir, pg.port, args.pool_size, {"cache": {"enabled": False}})
     stack.callback(hyperpool.stop)
     print("starting hyperpool ...", file=sys.stderr, flush=True)
     hyperpool.start()

@@ -7,7 +7,8 @@ A ClientSession and a ServerConnection are wired to fake transports: the server 
 client write synchronously with the bytes PostgreSQL would send. What is left is hyperpool's own
 per-transaction work (relay scans, renaming, pool take/release, bookkeeping), which the socket
 benchmark (compare.py) cannot separate from system calls and the noise of a shared machine.
-Prints microseconds per transaction for the simple, extended and prepared protocols.
+Prints microseconds per transaction for the simple, extended and prepared protocols: with the query
+cache off (the forwarding path), and answered from the cache (every transaction a hit).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hyperpool.caching import Classifier
 from hyperpool.config import parse_config
 from hyperpool.server import ServerState
 from hyperpool.session import ClientSession, Phase
+from hyperpool.sql.catalog import Catalog, Operator, Relation
 from hyperpool.upstream import ServerConnection
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
@@ -94,12 +97,17 @@ class Transport(asyncio.Transport):
         pass
 
 
-async def run(mode: str, transactions: int) -> float:
+async def run(mode: str, transactions: int, cache: bool) -> float:
     config = parse_config({"users": {"app": {"password": "x"}},
                            "databases": {"appdb": {"host": "127.0.0.1", "port": 5432, "user": "app",
-                                                     "pool_size": 1}}}, os.environ)
+                                                     "pool_size": 1, "cache": {"enabled": cache}}}}, os.environ)
     state = ServerState(config)
     database = state.databases["appdb"]
+    if cache:  # the catalog hyperpool would read: the table is a plain one
+        accounts = Relation("public", "pgbench_accounts", "r", "p")
+        database.catalog = Catalog(relations={accounts.qualified: accounts}, schemas=frozenset({"public"}),
+                                   operators={"=": (Operator("pg_catalog", "i"),)})
+        database.classifier = Classifier(database.catalog, "app", '"$user", public')
     server = ServerConnection(database.config)
     server._setup = None  # logged in
     server.connection_made(Transport(lambda data: server.data_received(answer(mode, data))))
@@ -117,6 +125,8 @@ async def run(mode: str, transactions: int) -> float:
         session.data_received(chunks[i % 1000])
     elapsed = time.perf_counter() - started
     assert session.server is None and server in database.pool.idle, "the server was not released"
+    if cache:
+        assert database.cache is not None and database.cache.stats.hits >= transactions - 1000, "no cache hits"
     return elapsed / transactions * 1e6
 
 
@@ -124,9 +134,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transactions", type=int, default=50000)
     args = parser.parse_args()
-    for mode in ("simple", "extended", "prepared"):
-        cost = asyncio.run(run(mode, args.transactions))
-        print(f"-M {mode:9s} {cost:6.1f} us of Python per transaction")
+    for cache in (False, True):
+        for mode in ("simple", "extended", "prepared"):
+            cost = asyncio.run(run(mode, args.transactions, cache))
+            what = "answered from the cache" if cache else "forwarded (cache off)"
+            print(f"-M {mode:9s} {cost:6.1f} us of Python per transaction, {what}")
 
 
 if __name__ == "__main__":

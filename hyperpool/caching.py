@@ -4,12 +4,14 @@ how to run them again for a background refresh, and whether a captured response 
 A cacheable request is one complete request group a client sends while idle, ending in its own Sync:
 
 * a simple Query;
-* the extended protocol's ``[Parse unnamed] Bind [Describe portal] Execute(all rows) Sync`` (what psycopg,
-  pgbench -M extended and, with a named statement and no Parse, asyncpg and pgbench -M prepared send).
+* an unnamed Parse and the messages after it that use only the unnamed statement (psycopg, pgbench -M
+  extended: ``Parse Bind Describe Execute Sync``);
+* ``Bind [Describe portal] Execute Sync`` of a named statement (asyncpg, pgbench -M prepared).
 
 The key holds the settings that change output or name resolution, the statement text, and for the extended
-protocol the parameter types, the Bind message after its two names (parameter formats, values, result formats),
-the Describe, and the Execute: two requests with the same key get the same bytes from PostgreSQL. The stored
+protocol the parameter types and the other messages' bytes (parameter formats and values, result formats,
+Describe, Execute): two requests with the same key get the same bytes from PostgreSQL. A response that holds
+anything but results (PortalSuspended, CloseComplete, an error, a notice) is not stored. The stored
 value is exactly those bytes, without the ReadyForQuery, so a hit answers ParseComplete/BindComplete/
 RowDescription/DataRows/CommandComplete as the database did, and the ReadyForQuery 'I' that ends it.
 """
@@ -20,7 +22,6 @@ import re
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from hyperpool.protocol import messages
 from hyperpool.sql.catalog import Catalog, parse_search_path
@@ -36,7 +37,6 @@ _STORABLE = frozenset(b"12tnTDCI")
 _HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!I")
 _PARSE_COMPLETE_LEN = len(messages.PARSE_COMPLETE)
-_EXECUTE_ALL = b"\x00\x00\x00\x00\x00"  # unnamed portal, no row limit
 _DESCRIBE_PORTAL = b"P\x00"
 _ROLLBACK = re.compile(rb"\s*(?:rollback|abort)(?:\s+(?:work|transaction))?\s*;?\s*", re.IGNORECASE)
 _COMMIT_PREPARED = re.compile(rb"\s*commit\s+prepared\b", re.IGNORECASE)
@@ -46,63 +46,67 @@ _MEMO_TEXT = 8192
 Key = tuple[object, ...]
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    """One cacheable-looking request group: what to look up, and how to run it again."""
+    """One cacheable-looking request group: its key, its statement text, and how to run it again."""
 
-    key: Key
-    sql: bytes  # the statement text (to classify)
-    replay: bytes  # messages that reproduce the response on a server connection with the key's settings
-    strip: int  # bytes of the replay's response the client's request does not get (a ParseComplete)
+    __slots__ = ("_bind", "_rest", "_types", "key", "sql")
+
+    def __init__(self, key: Key, sql: bytes, types: bytes | None = None, bind: bytes | None = None,
+                 rest: bytes = b"") -> None:
+        self.key = key
+        self.sql = sql
+        self._types = types  # None: a simple Query
+        self._bind = bind  # a named statement's Bind after its two names (the group had no Parse)
+        self._rest = rest
+
+    @property
+    def replay(self) -> bytes:
+        """Messages that reproduce the response on a server connection with the key's settings (the unnamed
+        statement and portal stand for the client's)."""
+        if self._types is None:
+            return b"Q" + _INT32.pack(len(self.sql) + 5) + self.sql + b"\x00"
+        parse = messages.parse(b"", self.sql, self._types)
+        if self._bind is None:
+            return parse + self._rest
+        return parse + _message(b"B", b"\x00\x00" + self._bind) + self._rest
+
+    @property
+    def strip(self) -> int:
+        """Bytes of the replay's response the client's request does not get (the ParseComplete)."""
+        return _PARSE_COMPLETE_LEN if self._bind is not None else 0
 
 
 def settings_key(wanted: Mapping[str, str]) -> tuple[str | None, ...]:
     """The part of the key that comes from the session's settings (lower-case names)."""
-    return tuple(wanted.get(name) for name in OUTPUT_SETTINGS)
+    get = wanted.get
+    return (get("search_path"), get("timezone"), get("datestyle"), get("intervalstyle"), get("client_encoding"),
+            get("extra_float_digits"), get("bytea_output"), get("standard_conforming_strings"))
 
 
-def simple_request(raw: bytes, settings: tuple[str | None, ...]) -> Request:
-    """A simple Query message (``raw``: type, length, text, NUL)."""
-    sql = raw[5:-1]
-    return Request((b"Q", settings, sql), sql, raw, 0)
+def simple_request(sql: bytes, settings: tuple[str | None, ...]) -> Request:
+    """A simple Query's text (without its NUL)."""
+    return Request((b"Q", settings, sql), sql)
 
 
-def extended_request(first: bytes | None, parse: tuple[bytes, bytes] | None, rest: bytes,
-                     settings: tuple[str | None, ...], named: tuple[bytes, bytes] | None = None) -> Request | None:
-    """``[Parse] Bind [Describe] Execute Sync``, or None when the group has another shape.
+def parsed_request(sql: bytes, types: bytes, rest: bytes, settings: tuple[str | None, ...]) -> Request:
+    """An unnamed Parse, then ``rest``: raw messages up to and including one Sync that name no statement
+    but the unnamed one (the client relay stops at the others). The response depends on nothing else."""
+    return Request((b"P", settings, sql, types, rest), sql, types, None, rest)
 
-    ``parse`` is an unnamed Parse's (text, parameter types); ``first`` is a Bind the client relay stopped
-    at (one naming a statement), whose statement is ``named`` (text, types); ``rest`` is the run of raw
-    messages after them, up to and including the Sync.
-    """
+
+def bound_request(bind: bytes, sql: bytes, types: bytes, rest: bytes,
+                  settings: tuple[str | None, ...]) -> Request | None:
+    """A Bind of a named statement (text ``sql``) to the unnamed portal, then ``rest``: [Describe portal]
+    Execute Sync. None for other shapes (``rest`` could name the unnamed statement, unknown here)."""
     parts = _split(rest)
-    if parts is None:
+    if parts is None or bytes(kind for kind, _ in parts) not in (b"ES", b"DES") or \
+            (len(parts) == 3 and parts[0][1] != _DESCRIBE_PORTAL):
         return None
-    if first is not None:
-        parts.insert(0, (ord("B"), first))
-    kinds = bytes(kind for kind, _ in parts)
-    if kinds not in (b"BES", b"BDES"):
-        return None
-    bind = parts[0][1]
-    portal, statement, offset = messages.decode_bind_names(bind)
-    if portal or parts[-2][1] != _EXECUTE_ALL or (len(parts) == 4 and parts[1][1] != _DESCRIBE_PORTAL):
-        return None
-    if parse is not None:
-        if statement:
-            return None  # Parse unnamed, then Bind of another statement: not a shape drivers send
-        sql, types = parse
-        strip = 0
-    elif named is not None and statement:
-        sql, types = named
-        strip = _PARSE_COMPLETE_LEN
-    else:
+    portal, _, offset = messages.decode_bind_names(bind)
+    if portal:
         return None
     params = bind[offset:]
-    key: Key = (b"P" if parse is not None else b"B", settings, sql, types, kinds, params)
-    replay = b"".join((messages.parse(b"", sql, types), _message(b"B", b"\x00\x00" + params),
-                       messages.describe(b"P", b"") if len(parts) == 4 else b"",
-                       _message(b"E", _EXECUTE_ALL), messages.SYNC))
-    return Request(key, sql, replay, strip)
+    return Request((b"B", settings, sql, types, params, rest), sql, types, params, rest)
 
 
 def _message(kind: bytes, payload: bytes) -> bytes:
@@ -110,17 +114,17 @@ def _message(kind: bytes, payload: bytes) -> bytes:
 
 
 def _split(data: bytes) -> list[tuple[int, bytes]] | None:
-    """Complete frontend messages in ``data`` as (type, payload); None if it ends mid-message."""
+    """Up to three complete frontend messages in ``data`` as (type, payload); None otherwise."""
     parts: list[tuple[int, bytes]] = []
     pos, end = 0, len(data)
     while pos < end:
-        if end - pos < 5:
+        if end - pos < 5 or len(parts) >= 3:
             return None
         kind, length = _HEADER.unpack_from(data, pos)
         stop = pos + 1 + length
-        if length < 4 or stop > end or len(parts) >= 4:
+        if length < 4 or stop > end:
             return None
-        parts.append((kind[0], bytes(data[pos + 5:stop])))
+        parts.append((kind[0], data[pos + 5:stop]))
         pos = stop
     return parts
 

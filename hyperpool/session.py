@@ -23,8 +23,9 @@ from hyperpool.admin import AdminConsole
 from hyperpool.cache import STALE, Fill
 from hyperpool.caching import (
     Request,
+    bound_request,
     commits_prepared,
-    extended_request,
+    parsed_request,
     rolls_back,
     settings_key,
     simple_request,
@@ -194,6 +195,7 @@ class ClientSession(asyncio.Protocol):
         self._admin: AdminConsole | None = None
         # the query cache (see caching.py): on when the database has one at login
         self._caching = False
+        self._settings_key: tuple[str | None, ...] | None = None  # of self.wanted, for cache keys (None: compute)
         self._fill: Fill | None = None  # this client's query is filling the cache
         self._capture: list[bytes] | None = None  # its response so far
         self._captured = 0
@@ -637,20 +639,23 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def _cache_request(self, first: Message, events: list[bytes | memoryview | Message]) -> Request | None:
-        settings = settings_key(self.wanted)
+        settings = self._settings_key
+        if settings is None:
+            settings = self._settings_key = settings_key(self.wanted)
         if first.type == _QUERY:
-            return simple_request(first.raw, settings) if len(events) == 1 else None
+            return simple_request(first.payload[:-1], settings) if len(events) == 1 else None
         if len(events) != 2 or type(events[1]) is Message:
             return None
-        rest = bytes(events[1])  # type: ignore[arg-type]
+        rest = events[1]
+        rest = rest if type(rest) is bytes else bytes(rest)  # type: ignore[arg-type]
         if first.type == _PARSE:
             name, sql, types = messages.decode_parse(first.payload)
-            return None if name else extended_request(None, (sql, types), rest, settings)
+            return None if name else parsed_request(sql, types, rest, settings)  # type: ignore[arg-type]
         _, name, _ = messages.decode_bind_names(first.payload)
         stmt = self.statements.get(name)
         if stmt is None:
             return None
-        return extended_request(first.payload, None, rest, settings, (stmt.sql, stmt.types))
+        return bound_request(first.payload, stmt.sql, stmt.types, rest, settings)  # type: ignore[arg-type]
 
     def _joined(self, response: bytes | None) -> None:
         """The fill this client waited for ended: its response answers the held request (or, when the
@@ -1089,6 +1094,7 @@ class ClientSession(asyncio.Protocol):
             elif kind == "x":
                 pins.append(name)
         self.wanted = settings
+        self._settings_key = None
         server.applied = dict(settings)
         self.sql_prepared = prepared
         server.sql_prepared = dict(prepared)
@@ -1121,6 +1127,7 @@ class ClientSession(asyncio.Protocol):
 
     def server_parameter(self, name: str, value: str) -> None:
         self.wanted[name] = value
+        self._settings_key = None
 
     def sync_was_last_counted(self) -> bool:
         return self._reader is not None and self._reader.last_counted == _SYNC
