@@ -71,10 +71,13 @@ class Fill:
         self._generations = {t: cache.generation(t) for t in tables}
 
     def store(self, response: bytes, now: float) -> bool:
-        """The complete response arrived without an error: store it (when still valid) and wake the waiters."""
-        stored = self._cache._finish(self, response, now, self._still_valid())
+        """The complete response arrived without an error: store it and give it to the waiters, unless a write
+        to a table it read was published meanwhile (then a waiter may have asked after that write committed:
+        it runs the query itself)."""
+        valid = self._still_valid()
+        stored = self._cache._finish(self, response, now, valid)
         for waiter in self.waiters:
-            waiter(response)
+            waiter(response if valid else None)
         return stored
 
     def fail(self) -> None:

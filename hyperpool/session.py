@@ -467,11 +467,20 @@ class ClientSession(asyncio.Protocol):
         syncs, reader.counted = reader.counted, 0
         kinds = reader.seen
         reader.seen = bytearray()
+        if self.state.shutting_down and self._between_transactions():
+            self.fail(_ADMIN_SHUTDOWN)  # no new transactions once shutdown has begun
+            return
         self._unsynced = reader.tail
         try:
             self._route(events, syncs, kinds)
         except ProtocolViolation as exc:
             self.fail(ClientProtocolError(str(exc)))  # (a connection out of step is discarded, not reused)
+
+    def _between_transactions(self) -> bool:
+        """Whether requests arriving now begin a new transaction (the last one ended, or none began)."""
+        server = self.server
+        return server is None or (server.tx_status == b"I" and not server.outstanding and not self._unsynced
+                                  and not server.copy_in)
 
     def _route(self, events: list[bytes | memoryview | Message], syncs: int, kinds: bytearray) -> None:
         if self._caching and self._from_cache(events, syncs, kinds):
@@ -506,12 +515,14 @@ class ClientSession(asyncio.Protocol):
         stmt = self.statements.get(name)
         server = self.server
         assert server is not None
-        if stmt is None or stmt.name not in server.prepared or stmt.stateful:
+        if stmt is None or stmt.name not in server.prepared:
+            return False
+        if self._caching:
+            self._note_statement(stmt)  # (may find it stateful)
+        if stmt.stateful:
             return False
         server.prepared.move_to_end(stmt.name)
         self._bound.append(stmt)
-        if self._caching:
-            self._note_statement(stmt)
         kinds[0] = _BIND
         server.record(kinds)
         server.transmit(messages.bind_renamed(msg.payload, portal, stmt.name, offset) + rest,  # type: ignore[operator]
@@ -551,7 +562,7 @@ class ClientSession(asyncio.Protocol):
             if self.state.shutting_down:
                 self.fail(_ADMIN_SHUTDOWN)  # no new transactions once shutdown has begun
                 return
-            if len(items) == 2 and self._prepared_here(items):
+            if len(items) == 2 and not self._held and self._prepared_here(items):
                 return
             # (_route already took an idle server if there was one: this client waits for one)
         if server is not None and not self._queued:
@@ -698,20 +709,25 @@ class ClientSession(asyncio.Protocol):
         if fill is not None:
             fill.fail()
 
-    def _note_text(self, sql: bytes) -> None:
-        """A Query or Parse text goes to the server: remember the tables it may write."""
+    def _note_text(self, sql: bytes) -> bool:
+        """A Query or Parse text goes to the server: remember the tables it may write. True when it may also
+        change session state unseen: it calls code the catalog does not show to be harmless (a function
+        calling set_config(), say), so the state is read back after it."""
         database = self.database
         assert database is not None
         classifier = database.classifier
         if classifier is None:  # no catalog yet (or DDL is being read): nothing can be ruled out
             self._writes_all = True
-            return
-        self._wrote(classifier.verdict(sql, self.wanted.get("search_path")))
+            return True
+        verdict = classifier.verdict(sql, self.wanted.get("search_path"))
+        self._wrote(verdict)
+        return verdict.writes_all and verdict.reason != "ddl"
 
     def _note_statement(self, stmt: Statement) -> None:
-        """A named statement is executed: remember the tables it may write."""
-        if self.database is not None and self.database.cache is not None:
-            self._note_text(stmt.sql)
+        """A named statement is executed: remember the tables it may write (and whether it may change
+        session state unseen, once the catalog can tell)."""
+        if self._note_text(stmt.sql) and self.database is not None and self.database.classifier is not None:
+            stmt.stateful = True
 
     def _wrote(self, verdict: Verdict) -> None:
         if verdict.writes_all:
@@ -856,7 +872,9 @@ class ClientSession(asyncio.Protocol):
         self._note(server, effects)
         if self._caching:
             sql = msg.payload[:-1]
-            self._note_text(sql)
+            if self._note_text(sql):
+                server.state_changed = True
+                server.dirty_for = self
             if rolls_back(sql):
                 self._rolled_back = True
             elif commits_prepared(sql):
@@ -885,8 +903,10 @@ class ClientSession(asyncio.Protocol):
             raw = messages.parse(name, sql, types)
         else:
             self._note(server, effects)
-        if self._caching:
-            self._note_text(sql)
+        opaque = self._caching and self._note_text(sql)
+        if opaque and not name:
+            server.state_changed = True
+            server.dirty_for = self
         if not name:
             server.record(b"P")
             out.append(raw)
@@ -904,7 +924,9 @@ class ClientSession(asyncio.Protocol):
             raise ProxyError(f"more than {MAX_CLIENT_STATEMENTS} prepared statements in one session",
                              sqlstate="53400", fatal=True)
         stmt = self.state.statements.get(sql, types, self.wanted.get("search_path"))
-        stmt.stateful = effects.check_after
+        assert self.database is not None
+        # (not while the catalog is being read: the statement is shared, and judged again at each Bind)
+        stmt.stateful = stmt.stateful or effects.check_after or (opaque and self.database.classifier is not None)
         self.statements[name] = stmt
 
         def outcome(ok: bool) -> None:

@@ -1043,10 +1043,6 @@ def test_setting_changed_inside_a_function_stays_with_its_client(make_target: Ca
     """A function that calls set_config(..., false) (an RLS helper, say) changes the caller's session only:
     no other client may run with it, and the caller keeps it."""
     target = make_target(pool_size=2)
-    if target.proxy is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "known limit (README): a setting changed inside a function whose call does not show it is not "
-            "seen; planned with issue #4's catalog lookup (calls of non-built-in functions)")))
     function = f"drv_set_fn_{_uid()}"
     with _admin(pg) as admin:
         admin.execute(f"create function {function}(v text) returns text language sql"
