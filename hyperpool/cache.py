@@ -121,6 +121,13 @@ class QueryCache:
     def lookup(self, key: Key, now: float) -> tuple[str, Entry | None]:
         """(HIT, entry), (STALE, entry) — serve it; refresh when ``entry.refreshing`` was set for you by
         :meth:`begin_refresh` — or (MISS, None)."""
+        found = self.find(key, now)
+        if found[1] is None:
+            self.stats.misses += 1
+        return found
+
+    def find(self, key: Key, now: float) -> tuple[str, Entry | None]:
+        """:meth:`lookup` without counting a miss (the caller decides whether the request was cacheable)."""
         entry = self._entries.get(key)
         if entry is not None:
             age = now - entry.stored_at
@@ -133,7 +140,6 @@ class QueryCache:
                 self.stats.stale += 1
                 return STALE, entry
             self._drop(key)
-        self.stats.misses += 1
         return MISS, None
 
     def begin_refresh(self, key: Key, entry: Entry) -> bool:

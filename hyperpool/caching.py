@@ -11,7 +11,7 @@ A cacheable request is one complete request group a client sends while idle, end
 The key holds the settings that change output or name resolution, the statement text, and for the extended
 protocol the parameter types and the other messages' bytes (parameter formats and values, result formats,
 Describe, Execute): two requests with the same key get the same bytes from PostgreSQL. A response that holds
-anything but results (PortalSuspended, CloseComplete, an error, a notice) is not stored. The stored
+anything but results (CloseComplete, an error, a notice) is not stored. The stored
 value is exactly those bytes, without the ReadyForQuery, so a hit answers ParseComplete/BindComplete/
 RowDescription/DataRows/CommandComplete as the database did, and the ReadyForQuery 'I' that ends it.
 """
@@ -29,11 +29,16 @@ from hyperpool.sql.classify import Verdict, classify
 
 # Settings that change a result's bytes or what its names mean (the cache key carries them).
 OUTPUT_SETTINGS = ("search_path", "timezone", "datestyle", "intervalstyle", "client_encoding",
-                   "extra_float_digits", "bytea_output", "standard_conforming_strings")
+                   "extra_float_digits", "bytea_output", "standard_conforming_strings",
+                   # ... and the others that change what an immutable expression gives or how it prints
+                   "transform_null_equals", "array_nulls", "xmloption", "xmlbinary", "timezone_abbreviations",
+                   "lc_monetary", "lc_numeric", "lc_time", "backslash_quote")
 # Backend messages a storable response may hold: ParseComplete, BindComplete, ParameterDescription,
-# NoData, RowDescription, DataRow, CommandComplete, EmptyQueryResponse. A notice, a notification, a
-# ParameterStatus or an error means: give it to the client, do not store it.
-_STORABLE = frozenset(b"12tnTDCI")
+# NoData, RowDescription, DataRow, CommandComplete, EmptyQueryResponse, and PortalSuspended (an Execute
+# with a row limit, as asyncpg's fetchrow sends: outside a transaction block the portal is gone at the
+# Sync, so nobody can ask for the rest). A notice, a notification, a ParameterStatus or an error means:
+# give it to the client, do not store it.
+_STORABLE = frozenset(b"12tnTDCIs")
 _HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!I")
 _PARSE_COMPLETE_LEN = len(messages.PARSE_COMPLETE)
@@ -78,9 +83,7 @@ class Request:
 
 def settings_key(wanted: Mapping[str, str]) -> tuple[str | None, ...]:
     """The part of the key that comes from the session's settings (lower-case names)."""
-    get = wanted.get
-    return (get("search_path"), get("timezone"), get("datestyle"), get("intervalstyle"), get("client_encoding"),
-            get("extra_float_digits"), get("bytea_output"), get("standard_conforming_strings"))
+    return tuple(map(wanted.get, OUTPUT_SETTINGS))  # (computed once per change of the session's settings)
 
 
 def simple_request(sql: bytes, settings: tuple[str | None, ...]) -> Request:

@@ -25,7 +25,6 @@ from hyperpool.stats import DatabaseStats, StatsWindow
 from hyperpool.upstream import TRACKED_REPORTED, Rows, ServerConnection, open_server, set_statements
 
 _MAX_VALIDATED = 1024
-_READY_IDLE = messages.ready_for_query(b"I")
 # Who a cache refresh's settings are applied for (a server connection compares clients by identity).
 _REFRESHER: Any = object()
 log = logging.getLogger("hyperpool.database")
@@ -179,8 +178,8 @@ class Database:
             conn.apply_settings(_REFRESHER, wanted)
             conn.send_internal(request.replay, finished, raw)
             body = await done
-            if body is not None and storable(body + _READY_IDLE):
-                response = body + _READY_IDLE
+            if body is not None and storable(body):
+                response = body
         finally:
             self._give_back(conn)
             if response is None:

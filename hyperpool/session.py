@@ -22,6 +22,7 @@ from hyperpool import auth
 from hyperpool.admin import AdminConsole
 from hyperpool.cache import STALE, Fill
 from hyperpool.caching import (
+    Classifier,
     Request,
     bound_request,
     commits_prepared,
@@ -49,7 +50,6 @@ from hyperpool.protocol.framing import (
 )
 from hyperpool.protocol.tracker import FAIL, FAKE, SWALLOW_CLOSE, SWALLOW_PARSE
 from hyperpool.sql import effects as sql_effects
-from hyperpool.sql.classify import Verdict
 from hyperpool.stats import count_error
 from hyperpool.upstream import Rows, ServerConnection, send_cancel, snapshot_sql
 
@@ -611,6 +611,7 @@ class ClientSession(asyncio.Protocol):
             return False
         if _FUNCTION_CALL in kinds:
             self._writes_all = True  # a fast-path function call may write anything
+            self._rolled_back = False
         first = events[0] if events else None
         if type(first) is not Message or first.type not in (_QUERY, _PARSE, _BIND):
             return False
@@ -628,17 +629,19 @@ class ClientSession(asyncio.Protocol):
             if first.type != _BIND:
                 cache.count_not_cacheable("pipelined")
             return False
+        # An entry exists only for a request judged cacheable with the same text and settings (and DDL through
+        # hyperpool empties the cache): a hit needs no verdict.
+        status, entry = cache.find(request.key, database.clock())
+        if entry is not None:
+            self.send(entry.response)
+            if status == STALE and cache.begin_refresh(request.key, entry):
+                self._refresh(request, classifier)
+            return True
         verdict = classifier.verdict(request.sql, self.wanted.get("search_path"))
         if not verdict.cacheable:
             cache.count_not_cacheable(verdict.reason)
             return False
-        status, entry = cache.lookup(request.key, database.clock())
-        if entry is not None:
-            self.send(entry.response)
-            if status == STALE and cache.begin_refresh(request.key, entry):
-                fill = cache.begin_fill(request.key, verdict.reads, verdict.max_age)
-                self.state.spawn(database.refresh(fill, request, dict(self.wanted)))
-            return True
+        cache.stats.misses += 1
         if cache.join(request.key, self._joined):
             self._held = -1  # (no server is taken for it meanwhile)
             self._forward_mixed(events, kinds)
@@ -648,6 +651,14 @@ class ClientSession(asyncio.Protocol):
         self._capture = []
         self._captured = 0
         return False
+
+    def _refresh(self, request: Request, classifier: Classifier) -> None:
+        """Run a stale entry's request again in the background (stale-while-revalidate)."""
+        database = self.database
+        assert database is not None and database.cache is not None
+        verdict = classifier.verdict(request.sql, self.wanted.get("search_path"))
+        fill = database.cache.begin_fill(request.key, verdict.reads, verdict.max_age)
+        self.state.spawn(database.refresh(fill, request, dict(self.wanted)))
 
     def _cache_request(self, first: Message, events: list[bytes | memoryview | Message]) -> Request | None:
         settings = self._settings_key
@@ -715,30 +726,24 @@ class ClientSession(asyncio.Protocol):
         calling set_config(), say), so the state is read back after it."""
         database = self.database
         assert database is not None
+        self._rolled_back = False  # (a ROLLBACK sets it again after this)
         classifier = database.classifier
         if classifier is None:  # no catalog yet (or DDL is being read): nothing can be ruled out
             self._writes_all = True
             return True
         verdict = classifier.verdict(sql, self.wanted.get("search_path"))
-        self._wrote(verdict)
-        return verdict.writes_all and verdict.reason != "ddl"
+        if verdict.writes_all:
+            self._writes_all = True
+            self._ddl = self._ddl or verdict.ddl
+        elif verdict.writes:
+            self._writes.update(verdict.writes)
+        return verdict.writes_all and not verdict.ddl
 
     def _note_statement(self, stmt: Statement) -> None:
         """A named statement is executed: remember the tables it may write (and whether it may change
         session state unseen, once the catalog can tell)."""
         if self._note_text(stmt.sql) and self.database is not None and self.database.classifier is not None:
             stmt.stateful = True
-
-    def _wrote(self, verdict: Verdict) -> None:
-        if verdict.writes_all:
-            self._writes_all = True
-            if verdict.reason != "write":  # DDL (a DO block, CALL or EXECUTE says "write"): read the catalog
-                self._ddl = True
-        elif verdict.writes:
-            self._writes.update(verdict.writes)
-        else:
-            return
-        self._rolled_back = False
 
     def _publish_writes(self) -> None:
         """The transaction that wrote ended (ReadyForQuery 'I'): what read its tables is gone from the cache."""
@@ -878,7 +883,7 @@ class ClientSession(asyncio.Protocol):
             if rolls_back(sql):
                 self._rolled_back = True
             elif commits_prepared(sql):
-                self._writes_all = True
+                self._writes_all = True  # another transaction's writes, unknown here
         server.record(b"Q")
         out.append(msg.raw)
         return 1

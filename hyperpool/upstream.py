@@ -310,10 +310,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _internal_message(self, kind: int, ev: Message) -> None:
         """A response to hyperpool's own query: never shown to a client."""
-        sink = self._internal[0][1]
-        if type(sink) is bytearray and kind != 90:
-            sink += ev.raw
-            sink = None
+        sink = self._internal[0][1]  # (a raw capture has this message's bytes in the run before it)
         if kind == 90:  # 'Z'
             self.tx_status = ev.payload[:1]
             self._finish_internal()
@@ -493,7 +490,7 @@ class ServerConnection(asyncio.Protocol):
                       rows: Rows | bytearray | None = None) -> None:
         """Run ``sql`` (or send raw extended-protocol messages ending in Sync) for hyperpool itself;
         its response never reaches a client. DataRows go to ``rows`` when given: decoded into a list, or,
-        into a bytearray, every message before the ReadyForQuery as the server sent it."""
+        into a bytearray, every message up to and including the ReadyForQuery as the server sent it."""
         if not self._writable():
             if done is not None:
                 done(self, b"", {"S": "FATAL", "C": "08006", "M": "server connection closed"})

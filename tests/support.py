@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -83,6 +84,17 @@ class ProxyRunner:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+
+
+def catalog_read(proxy: ProxyRunner, dbname: str = APPDB) -> None:
+    """Wait (bounded) until the database's catalog has been read: hyperpool reads it on a pooled connection
+    after the first login, which tests on a one-connection pool must not race."""
+    database = proxy.state.databases[dbname]
+    for _ in range(200):
+        if proxy.run(lambda: database.classifier is not None and not database.pool.active):
+            return
+        time.sleep(0.025)
+    raise AssertionError("the catalog was not read")
 
 
 def start_proxy(cfg: dict[str, Any]) -> ProxyRunner:

@@ -12,7 +12,16 @@ import struct
 import time
 from collections.abc import Callable
 
-from tests.support import APPDB, ProxyRunner, error_code, message, query_msg, raw_login, read_messages
+from tests.support import (
+    APPDB,
+    ProxyRunner,
+    catalog_read,
+    error_code,
+    message,
+    query_msg,
+    raw_login,
+    read_messages,
+)
 from tests.test_statements import SYNC, bind, execute, parse
 
 ONE = {"pool_size": 1, "min_pool_size": 1}
@@ -127,6 +136,7 @@ def test_malformed_parse_sync_without_server_gets_fatal_08p01(make_proxy: Callab
 def test_duplicate_parse_cannot_succeed_or_empty_a_shared_statement(make_proxy: Callable[..., ProxyRunner]) -> None:
     proxy = make_proxy(db=ONE)
     a = raw_login(proxy.port)
+    catalog_read(proxy)  # (read on the one server connection after the first login)
     a.sendall(parse("s", "select 42") + SYNC)
     assert kinds(read_messages(a)) == b"1Z"
     hp = proxy.run(lambda: next(iter(proxy.state.databases[APPDB].pool.idle)).prepared.copy())

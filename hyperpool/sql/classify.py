@@ -66,6 +66,7 @@ class Verdict:
     reads: frozenset[str] = frozenset()  # schema.table the result depends on
     writes: frozenset[str] = frozenset()  # schema.table it may change
     writes_all: bool = False  # it may change tables it does not name: invalidate the whole database
+    ddl: bool = False  # it changes the catalog (DDL, SELECT INTO): classification must read it again
     max_age: float | None = None  # from a /* hyperpool: max_age=N */ comment
 
 
@@ -217,24 +218,27 @@ def _judge(sql: str, search_path: tuple[str, ...], catalog: Catalog) -> Verdict:
     return Verdict(not reasons, reason,
                    frozenset().union(*(part.reads for part in parts)),
                    frozenset().union(*(part.writes for part in parts)),
-                   any(part.writes_all for part in parts))
+                   any(part.writes_all for part in parts),
+                   any(part.ddl for part in parts))
 
 
 class _Part:
     """The findings about one statement."""
 
-    __slots__ = ("reads", "reasons", "writes", "writes_all")
+    __slots__ = ("ddl", "reads", "reasons", "writes", "writes_all")
 
     def __init__(self) -> None:
         self.reasons: set[str] = set()
         self.reads: set[str] = set()
         self.writes: set[str] = set()
         self.writes_all = False
+        self.ddl = False
 
     def merge(self, other: _Part) -> None:
         self.reads |= other.reads
         self.writes |= other.writes
         self.writes_all = self.writes_all or other.writes_all
+        self.ddl = self.ddl or other.ddl
 
 
 _DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
@@ -256,7 +260,7 @@ def _statement(stmt: dict[str, Any], path: tuple[str, ...], catalog: Catalog) ->
     if kind == "SelectStmt":
         part = _examine(stmt, path, catalog)
         if "intoClause" in node:  # SELECT INTO creates a table
-            part.writes_all = not _creates_temp("CreateTableAsStmt", {"into": node["intoClause"]})
+            part.writes_all = part.ddl = not _creates_temp("CreateTableAsStmt", {"into": node["intoClause"]})
         return part
     if kind in _DML:
         part = _examine(stmt, path, catalog)
@@ -279,6 +283,7 @@ def _statement(stmt: dict[str, Any], path: tuple[str, ...], catalog: Catalog) ->
         if kind == "CreateTableAsStmt":  # its query runs
             part.merge(_statement(node.get("query", {}), path, catalog))
         part.writes_all = part.writes_all or not _creates_temp(kind, node)
+        part.ddl = not _creates_temp(kind, node)
     return part
 
 
