@@ -86,9 +86,14 @@ def settings_key(wanted: Mapping[str, str]) -> tuple[str | None, ...]:
     return tuple(map(wanted.get, OUTPUT_SETTINGS))  # (computed once per change of the session's settings)
 
 
-def simple_request(sql: bytes, settings: tuple[str | None, ...]) -> Request:
-    """A simple Query's text (without its NUL)."""
-    return Request((b"Q", settings, sql), sql)
+def simple_key(raw: bytes, settings: tuple[str | None, ...]) -> Key:
+    """A simple Query's key: the whole message (type, length, text, NUL), as it arrives."""
+    return (b"Q", settings, raw)
+
+
+def simple_request(raw: bytes, settings: tuple[str | None, ...]) -> Request:
+    """A simple Query message (``raw``)."""
+    return Request(simple_key(raw, settings), raw[5:-1])
 
 
 def parsed_request(sql: bytes, types: bytes, rest: bytes, settings: tuple[str | None, ...]) -> Request:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 from hyperpool import auth
 from hyperpool.admin import AdminConsole
-from hyperpool.cache import STALE, Fill
+from hyperpool.cache import HIT, STALE, Fill
 from hyperpool.caching import (
     Classifier,
     Request,
@@ -29,6 +29,7 @@ from hyperpool.caching import (
     parsed_request,
     rolls_back,
     settings_key,
+    simple_key,
     simple_request,
     storable,
 )
@@ -459,6 +460,8 @@ class ClientSession(asyncio.Protocol):
     def _relay(self, data: bytes) -> None:
         reader = self._reader
         assert reader is not None
+        if self._caching and data[0] == _QUERY and self.server is None and self._hit(data, reader):
+            return
         try:
             events = reader.feed(data)
         except ProtocolViolation as exc:
@@ -652,6 +655,25 @@ class ClientSession(asyncio.Protocol):
         self._captured = 0
         return False
 
+    def _hit(self, data: bytes, reader: MessageRelay) -> bool:
+        """The cache's fast path: ``data`` is exactly one simple Query of an idle client, and a fresh entry
+        answers it (anything else goes the whole way: the relay, then _from_cache)."""
+        database = self.database
+        if self._queued or self._attach_task is not None or self._held or self.pins or self._fill is not None \
+                or database is None or database.cache is None or not reader.at_boundary \
+                or len(data) != 1 + int.from_bytes(data[1:5], "big") or self.state.shutting_down:
+            return False
+        settings = self._settings_key
+        if settings is None:
+            settings = self._settings_key = settings_key(self.wanted)
+        status, entry = database.cache.find(simple_key(data, settings), database.clock())
+        if status != HIT or entry is None:
+            if entry is not None:  # stale: counted once the whole way decides (and refreshes)
+                database.cache.stats.stale -= 1
+            return False
+        self.send(entry.response)
+        return True
+
     def _refresh(self, request: Request, classifier: Classifier) -> None:
         """Run a stale entry's request again in the background (stale-while-revalidate)."""
         database = self.database
@@ -665,7 +687,7 @@ class ClientSession(asyncio.Protocol):
         if settings is None:
             settings = self._settings_key = settings_key(self.wanted)
         if first.type == _QUERY:
-            return simple_request(first.payload[:-1], settings) if len(events) == 1 else None
+            return simple_request(first.raw, settings) if len(events) == 1 else None
         if len(events) != 2 or type(events[1]) is Message:
             return None
         rest = events[1]

@@ -459,7 +459,7 @@ def test_simple_protocol_hits_replay_the_databases_bytes(pg: EmbeddedPostgres, o
             sock.close()
     assert [kind for kind, _ in answers[0]] == [b"T", b"D", b"D", b"D", b"C", b"Z"]
     assert all(answer == answers[0] for answer in answers)
-    _, stored = proxy.entry(lambda k: k[0] == b"Q" and k[2] == raw_sql.encode())
+    _, stored = proxy.entry(lambda k: k[0] == b"Q" and k[2] == query_msg(raw_sql))  # (keyed by the whole message)
     assert stored == b"".join(kind + struct.pack("!I", len(body) + 4) + body for kind, body in answers[0])
 
     # psql prints the same through hyperpool (a hit now) as it does connected to PostgreSQL

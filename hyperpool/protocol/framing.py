@@ -260,6 +260,11 @@ class MessageRelay:
         self._kinds = _kind_table(self.valid, self.count, self.settle, self.intercept, self.watch, self.flag_types,
                                   self.through, self.tally, frozenset(self.checks), self.neutral)
 
+    @property
+    def at_boundary(self) -> bool:
+        """No message is half scanned: the next byte fed starts a message."""
+        return not self._body_left and not self._partial
+
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         if not self._body_left and not self._partial:
