@@ -62,6 +62,8 @@ DATABASES = _cols("name:t host:t port:i database:t force_user:t pool_size:i min_
 CONFIG = _cols("key:t value:t default:t changeable:t")
 LISTS = _cols("list:t items:i")
 PINNED = _cols("database:t reason:t clients:i")
+PLACEMENT = _cols("database:t location:t chosen:t status:t edge_rtt_ms:f origin_rtt_ms:f expected_ms:f samples:i "
+                  "good_probes:i better_rounds:i failures:i last_error:t switches:i reason:t")
 CACHE = _cols("database:t enabled:t entries:i bytes:i max_bytes:i max_entry_bytes:i max_age:f "
               "stale_while_revalidate:f hits:i stale:i misses:i stored:i too_big:i evictions:i invalidations:i "
               "discarded_fills:i hit_ratio:t not_cacheable:t")
@@ -97,7 +99,7 @@ class AdminConsole:
         return {"POOLS": self.show_pools, "STATS": self.show_stats, "CLIENTS": self.show_clients,
                 "SERVERS": self.show_servers, "DATABASES": self.show_databases, "CONFIG": self.show_config,
                 "VERSION": self.show_version, "LISTS": self.show_lists, "PINNED": self.show_pinned,
-                "CACHE": self.show_cache, "HELP": self.show_help}
+                "CACHE": self.show_cache, "PLACEMENT": self.show_placement, "HELP": self.show_help}
 
     # --- SHOW ----------------------------------------------------------------------------
 
@@ -204,10 +206,27 @@ class AdminConsole:
         rows = [_cache_row(name, db.cache) for name, db in sorted(self.state.databases.items())]
         return result(CACHE, rows, "SHOW")
 
+    def show_placement(self) -> bytes:
+        """Per database with locations: each location's health, RTTs and the choice (placement.py); per database
+        pooling to its origin directly: the measured RTT to it (what edges are told)."""
+        rows: list[Row] = []
+        for name, db in sorted(self.state.databases.items()):
+            placement = db.placement
+            if placement is None:
+                rtt = db.origin_rtt()
+                ms = None if rtt is None else round(rtt * 1000, 3)
+                rows.append((name, "origin", "yes", "measured" if rtt is not None else "unprobed", None, ms, ms,
+                             len(db.origin_samples), 0, 0, 0, None, 0, "pools to its origin directly"))
+                continue
+            reason = placement.last.reason if placement.last is not None else "no probe round yet"
+            for row in placement.snapshot():
+                rows.append((*row[:2], "yes" if row[2] else "no", *row[3:], reason if row[2] else ""))
+        return result(PLACEMENT, rows, "SHOW")
+
     def show_help(self) -> bytes:
         lines = ["SHOW POOLS | STATS | CLIENTS | SERVERS | DATABASES | CONFIG | VERSION | LISTS | PINNED | CACHE "
-                 "| HELP", "RELOAD", "PAUSE [db]", "RESUME [db]", "RECONNECT [db]", "KILL db", "CACHE PURGE [db]",
-                 "SHUTDOWN"]
+                 "| PLACEMENT | HELP", "RELOAD", "PAUSE [db]", "RESUME [db]", "RECONNECT [db]", "KILL db",
+                 "CACHE PURGE [db]", "SHUTDOWN"]
         return result([("command", TEXT)], [(line,) for line in lines], "SHOW")
 
     # --- commands ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import yaml
 
 from hyperpool.cache import CacheSettings
 from hyperpool.errors import ConfigError
+from hyperpool.placement import LOCAL, PlacementConfig
 from hyperpool.protocol import scram
 
 AUTH_TYPES = ("scram-sha-256", "md5", "password", "trust")
@@ -80,6 +81,34 @@ class DatabaseConfig:
     pool: PoolSettings
     connect_options: tuple[tuple[str, str], ...] = ()
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # Regional topology: other hyperpool instances that pool to this database (and LOCAL: from here), by
+    # name; empty = pool to the origin above. A location's config is this one with its address and login.
+    locations: tuple[tuple[str, Location], ...] = ()
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    via: str | None = None  # set on a location's config: the name of the hyperpool instance it reaches
+
+    def targets(self) -> dict[str, DatabaseConfig]:
+        """Where server connections may go, by location name (just the origin when no locations are set)."""
+        if not self.locations:
+            return {LOCAL: self}
+        return {name: self if loc.local else replace(
+            self, host=loc.host, port=loc.port, dbname=loc.dbname or self.dbname, user=loc.user,
+            password=loc.password, sslmode=loc.sslmode, sslrootcert=loc.sslrootcert, connect_options=(),
+            via=name) for name, loc in self.locations}
+
+
+@dataclass(frozen=True)
+class Location:
+    """One entry of a database's ``locations:``: another hyperpool instance, or ``local``."""
+
+    local: bool = False
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_LISTEN_PORT
+    user: str = ""
+    password: str | None = None
+    dbname: str | None = None  # the database's name at that instance (default: the same)
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +272,61 @@ def _user(name: str, raw: Any) -> UserConfig:
 
 
 _DB_KEYS = {"host", "port", "dbname", "user", "password", "sslmode", "sslrootcert", "connect_options",
-            "cache"} | POOL_KEYS
+            "cache", "locations", "placement"} | POOL_KEYS
+_LOCATION_KEYS = {"host", "port", "user", "password", "dbname", "sslmode", "sslrootcert"}
+_PLACEMENT_KEYS = {"mode", "location", "probe_interval", "samples", "switch_margin_ms", "switch_margin_fraction",
+                   "switch_rounds", "recover_rounds"}
+
+
+def _locations(raw: Any, key: str) -> tuple[tuple[str, Location], ...]:
+    section = _mapping(raw, key)
+    out = []
+    for name, value in section.items():
+        name = str(name)
+        where = f"{key}.{name}"
+        if name == LOCAL:
+            if value not in (None, True, {}):
+                raise ConfigError(f"{where}: the local location takes no settings (it is this database's origin)")
+            out.append((name, Location(local=True)))
+            continue
+        loc = _mapping(value, where)
+        _check_keys(loc, _LOCATION_KEYS, where)
+        if "host" not in loc or "user" not in loc:
+            raise ConfigError(f"{where}: host and user are required (the hyperpool instance and its login)")
+        sslmode = _choice(loc.get("sslmode", "prefer"), f"{where}.sslmode", SSLMODES)
+        password = loc.get("password")
+        out.append((name, Location(
+            host=_str(loc["host"], f"{where}.host"), port=_int(loc.get("port", DEFAULT_LISTEN_PORT), f"{where}.port",
+                                                                 1, 65535),
+            user=_str(loc["user"], f"{where}.user"),
+            password=None if password is None else _str(password, f"{where}.password"),
+            dbname=None if loc.get("dbname") is None else _str(loc["dbname"], f"{where}.dbname"),
+            sslmode=sslmode, sslrootcert=None if loc.get("sslrootcert") is None else str(loc["sslrootcert"]))))
+    if section and not out:
+        raise ConfigError(f"{key}: at least one location")
+    return tuple(out)
+
+
+def _placement(raw: Any, key: str, locations: tuple[tuple[str, Location], ...]) -> PlacementConfig:
+    section = _mapping(raw, key)
+    _check_keys(section, _PLACEMENT_KEYS, key)
+    changes: dict[str, Any] = {}
+    if "mode" in section:
+        changes["mode"] = _choice(section["mode"], f"{key}.mode", ("auto", "fixed"))
+    if "location" in section:
+        changes["location"] = _str(section["location"], f"{key}.location")
+        if changes["location"] not in dict(locations):
+            raise ConfigError(f"{key}.location: {changes['location']!r} is not one of the database's locations")
+    for name in ("probe_interval", "switch_margin_ms", "switch_margin_fraction"):
+        if name in section:
+            changes[name] = _seconds(section[name], f"{key}.{name}")
+    for name in ("samples", "switch_rounds", "recover_rounds"):
+        if name in section:
+            changes[name] = _int(section[name], f"{key}.{name}", 1, 1000)
+    try:
+        return PlacementConfig(**changes)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 _CACHE_KEYS = {"enabled", "max_age", "stale_while_revalidate", "max_bytes", "max_entry_bytes"}
 
 
@@ -267,7 +350,8 @@ def _database(name: str, raw: Any, pool: PoolSettings, cache: CacheSettings) -> 
     key = f"databases.{name}"
     section = _mapping(raw, key)
     _check_keys(section, _DB_KEYS, key)
-    if "user" not in section:
+    locations = _locations(section.get("locations"), f"{key}.locations")
+    if "user" not in section and (not locations or LOCAL in dict(locations)):
         raise ConfigError(f"{key}.user: required (the origin user hyperpool connects as)")
     sslmode = _choice(section.get("sslmode", "prefer"), f"{key}.sslmode", SSLMODES)
     rootcert = section.get("sslrootcert")
@@ -282,13 +366,15 @@ def _database(name: str, raw: Any, pool: PoolSettings, cache: CacheSettings) -> 
         host=_str(section.get("host", "127.0.0.1"), f"{key}.host"),
         port=_int(section.get("port", 5432), f"{key}.port", 1, 65535),
         dbname=_str(section.get("dbname", name), f"{key}.dbname"),
-        user=_str(section["user"], f"{key}.user"),
+        user=_str(section.get("user", ""), f"{key}.user"),
         password=None if password is None else _str(password, f"{key}.password"),
         sslmode=sslmode,
         sslrootcert=None if rootcert is None else str(rootcert),
         pool=_pool_settings(section, pool, f"{key}."),
         connect_options=tuple((str(k), _str(v, f"{key}.connect_options.{k}")) for k, v in options.items()),
         cache=_cache_settings(section.get("cache"), cache, f"{key}.cache"),
+        locations=locations,
+        placement=_placement(section.get("placement"), f"{key}.placement", locations),
     )
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from hyperpool import probes
 from hyperpool.cache import Fill, QueryCache
 from hyperpool.caching import Classifier, Request, storable
 from hyperpool.config import DatabaseConfig
-from hyperpool.errors import UpstreamErrorResponse
+from hyperpool.errors import ProxyError, UpstreamError, UpstreamErrorResponse
+from hyperpool.placement import LOCAL, Decision, Placement, Probe
 from hyperpool.pool import Pool
 from hyperpool.protocol import messages
 from hyperpool.sql.catalog import CATALOG_QUERIES, Catalog
@@ -49,10 +53,46 @@ class Database:
         # the query cache (transaction pooling only) and what judges statements for it, once the catalog is read
         self.cache: QueryCache | None = _new_cache(config)
         self.classifier: Classifier | None = None
+        # where server connections go: the origin, or the location placement chose (see placement.py)
+        self.targets: dict[str, DatabaseConfig] = config.targets()
+        self.placement: Placement | None = None
+        self.target: DatabaseConfig | None = config
+        self._setup_placement(config)
+        self.origin_samples: deque[float] = deque(maxlen=config.placement.samples)  # RTT to the origin, seconds
+        self.origin_probed_at = -1e9
+        self.probing = False
+        self.placement_task: asyncio.Task[None] | None = None  # the probe loop (ServerState runs it)
+        self._probers: dict[str, probes.LocationProber] = {}
+        self._origin_prober: probes.OriginProber | None = None
         self._catalog_epoch = 0  # bumped by DDL: a read that started before it is not used
 
+    def _setup_placement(self, config: DatabaseConfig) -> None:
+        self.targets = config.targets()
+        if not config.locations:
+            self.placement = None
+            self.target = config
+            return
+        names = [name for name, _ in config.locations]
+        self.placement = Placement(config.name, names, config.placement)
+        # until the first probe round decides: the fixed location, else here, else the first listed
+        first = config.placement.location or (LOCAL if LOCAL in names else names[0])
+        self.target = self.targets[first]
+
     async def _connect(self) -> ServerConnection:
-        conn = await open_server(self.config, self.config.pool.server_connect_timeout)
+        target = self.target
+        timeout = self.config.pool.server_connect_timeout
+        if target is None:
+            raise UpstreamError(f"no healthy location for database {self.config.name}", detail=self._why_none())
+        try:
+            conn = await open_server(target, timeout)
+        except ProxyError as exc:
+            if self.placement is None:
+                raise
+            # take the location out now (no client waits a probe interval for it), and try the next best once
+            self._apply(self.placement.report_failure(target.via or LOCAL, self.clock(), exc.message))
+            if self.target is None or self.target is target:
+                raise
+            conn = await open_server(self.target, timeout)
         conn.stats = self.stats
         conn.slow_query = self.slow_query
         return conn
@@ -61,11 +101,15 @@ class Database:
         """Apply a reloaded config; an origin change retires the old connections as they come back."""
         old = self.config
         origin_changed = (config.host, config.port, config.dbname, config.user, config.password,
-                          config.sslmode, config.sslrootcert, config.connect_options) != (
+                          config.sslmode, config.sslrootcert, config.connect_options, config.locations,
+                          config.placement) != (
                           old.host, old.port, old.dbname, old.user, old.password,
-                          old.sslmode, old.sslrootcert, old.connect_options)
+                          old.sslmode, old.sslrootcert, old.connect_options, old.locations, old.placement)
         self.config = config
         self._reconfigure_cache(config)
+        if origin_changed:
+            self.close_probes()
+            self._setup_placement(config)
         if origin_changed:
             self.server_params = None
             self._validated.clear()
@@ -73,6 +117,80 @@ class Database:
             for conn in list(self.pool.idle):
                 self.pool.discard(conn, "origin changed by reload")
         self.pool.resize(config.pool)
+
+    def _why_none(self) -> str:
+        last = self.placement.last if self.placement is not None else None
+        return last.reason if last is not None else ""
+
+    # --- placement ------------------------------------------------------------------------------
+
+    def origin_rtt(self) -> float | None:
+        """The median of the last RTT samples to the origin (seconds), or None before any."""
+        return statistics.median(self.origin_samples) if self.origin_samples else None
+
+    def pools_locally(self) -> bool:
+        return not self.config.locations or LOCAL in self.targets
+
+    async def probe_origin(self) -> float | None:
+        """One RTT sample to the origin (SELECT 1 on the prober's warm connection), kept for the median."""
+        self.origin_probed_at = self.clock()
+        if self._origin_prober is None or self._origin_prober.target is not self.config:
+            if self._origin_prober is not None:
+                self._origin_prober.close()
+            self._origin_prober = probes.OriginProber(self.config)
+        try:
+            sample = await self._origin_prober.sample(max(self.config.pool.server_connect_timeout, 1.0))
+        except (OSError, TimeoutError, ProxyError) as exc:
+            log.info("probe of the origin of database %s failed: %s", self.config.name,
+                     getattr(exc, "message", None) or exc or type(exc).__name__)
+            return None
+        self.origin_samples.append(sample)
+        return sample
+
+    async def probe_round(self) -> Decision | None:
+        """Edges: probe every location (and the origin when pooling from here too), then let placement decide."""
+        placement = self.placement
+        if placement is None or self.probing:
+            return None
+        self.probing = True
+        try:
+            timeout = max(self.config.pool.server_connect_timeout, 1.0)
+            names = [name for name in self.targets if name != LOCAL]
+            for name in names:
+                if name not in self._probers or self._probers[name].target is not self.targets[name]:
+                    self._probers[name] = probes.LocationProber(self.targets[name])
+            results = await asyncio.gather(*(self._probers[name].probe(timeout) for name in names))
+            round_: dict[str, Probe] = dict(zip(names, results, strict=True))
+            if LOCAL in self.targets:
+                sample = await self.probe_origin()
+                round_[LOCAL] = Probe(edge_rtt=(sample,)) if sample is not None else Probe.failed("origin probe failed")
+            decision = placement.observe(self.clock(), round_)
+            self._apply(decision)
+            return decision
+        finally:
+            self.probing = False
+
+    def _apply(self, decision: Decision) -> None:
+        """Follow a placement decision: a new location gets the new connections; the old ones are retired."""
+        previous = self.target
+        self.target = self.targets.get(decision.chosen) if decision.chosen is not None else None
+        if decision.switched:
+            log.warning("placement of database %s: %s -> %s: %s", self.config.name, decision.previous or "none",
+                        decision.chosen or "none", decision.reason)
+        if self.target is not previous:
+            self.pool.generation += 1  # connections to the old location close as they come back
+            for conn in list(self.pool.idle):
+                self.pool.discard(conn, "placement moved the database")
+
+    def close_probes(self) -> None:
+        for prober in self._probers.values():
+            prober.close()
+        self._probers.clear()
+        if self._origin_prober is not None:
+            self._origin_prober.close()
+            self._origin_prober = None
+        if self.placement_task is not None:
+            self.placement_task.cancel()
 
     def _reconfigure_cache(self, config: DatabaseConfig) -> None:
         if _new_cache(config) is None:
@@ -141,7 +259,7 @@ class Database:
         try:
             results: list[Rows] = []
             path: Rows = []
-            await self._run_internal(conn, "SELECT pg_catalog.current_setting('search_path')", path)
+            await self._run_internal(conn, "SELECT pg_catalog.current_setting('search_path'), current_user", path)
             for sql in CATALOG_QUERIES:
                 rows: Rows = []
                 await self._run_internal(conn, sql, rows)
@@ -152,8 +270,10 @@ class Database:
         if epoch != self._catalog_epoch:  # DDL committed while it was read: the read after it counts
             return catalog
         self.catalog = catalog
-        default_path = path[0][0] if path and path[0] and path[0][0] is not None else '"$user", public'
-        self.classifier = Classifier(catalog, self.config.user, default_path)
+        row = path[0] if path and len(path[0]) == 2 else [None, None]
+        default_path = row[0] if row[0] is not None else '"$user", public'
+        # ("$user" is the role at the database: through another hyperpool instance, not the one logged in here)
+        self.classifier = Classifier(catalog, row[1] or self.config.user, default_path)
         self.catalog_reads += 1
         return catalog
 

@@ -107,6 +107,34 @@ class StateCollector(Collector):
         yield from (clients, servers, size, limit, *counters.values(), closed, errors, wait, duration, pins, auth,
                     info)
         yield from _cache_metrics(state)
+        yield from _placement_metrics(state)
+
+
+def _placement_metrics(state: ServerState) -> list[Metric]:
+    """hyperpool_placement_* for databases with locations; hyperpool_origin_rtt_seconds once measured."""
+    chosen = GaugeMetricFamily("hyperpool_placement_chosen", "1 for the location a database's traffic goes to.",
+                               labels=["database", "location"])
+    rtt = GaugeMetricFamily("hyperpool_placement_rtt_seconds",
+                            "Median RTTs per location: edge (here to the location), origin (the location to the "
+                            "database, as it reports), expected (their sum).", labels=["database", "location", "path"])
+    switches = CounterMetricFamily("hyperpool_placement_switches", "Times placement moved a database's traffic.",
+                                   labels=["database"])
+    origin = GaugeMetricFamily("hyperpool_origin_rtt_seconds", "Median measured RTT from here to the origin.",
+                               labels=["database"])
+    for name, database in sorted(state.databases.items()):
+        measured = database.origin_rtt()
+        if measured is not None:
+            origin.add_metric([name], measured)
+        placement = database.placement
+        if placement is None:
+            continue
+        switches.add_metric([name], placement.switches)
+        for location, loc in placement.locations.items():
+            chosen.add_metric([name, location], 1 if location == placement.chosen else 0)
+            for path, value in (("edge", loc.edge_rtt()), ("origin", loc.origin_rtt()), ("expected", loc.expected())):
+                if value is not None:
+                    rtt.add_metric([name, location, path], value)
+    return [chosen, rtt, switches, origin]
 
 
 def _cache_metrics(state: ServerState) -> list[Metric]:

@@ -174,6 +174,30 @@ class ServerState:
             if database.catalog_wanted and database.catalog is None and \
                     now - database.catalog_loaded_at > CATALOG_RETRY:
                 self.refresh_catalog(database)
+            if database.placement is not None and database.placement_task is None and not self.shutting_down:
+                database.placement_task = self.spawn(self._placement_loop(database))
+
+    async def _placement_loop(self, database: Database) -> None:
+        """Probe rounds every probe_interval while the database has locations (and is still configured)."""
+        try:
+            while database.placement is not None and self.databases.get(database.config.name) is database \
+                    and not self.shutting_down:
+                try:
+                    await database.probe_round()
+                except Exception:  # a bug must not stop placement for good: the next round tries again
+                    log.exception("placement probe round for database %s failed", database.config.name)
+                await asyncio.sleep(database.config.placement.probe_interval)
+        finally:
+            database.placement_task = None
+
+    def origin_rtt(self, database: Database) -> float | None:
+        """What this instance reports as its RTT to ``database``'s origin (to an edge that asks); a figure
+        older than the probe interval starts a new probe in the background."""
+        if database.pools_locally() and not database.probing and \
+                self.clock() - database.origin_probed_at >= database.config.placement.probe_interval:
+            database.origin_probed_at = self.clock()
+            self.spawn(database.probe_origin())
+        return database.origin_rtt()
 
     def want_catalog(self, database: Database) -> None:
         """A client logged in to ``database``: its catalog is read from now on (once, then on reload)."""
@@ -279,6 +303,8 @@ class Server:
             session.fail(PoolError("terminating connection due to administrator command", sqlstate="57P01"))
         if self._maintainer is not None:
             self._maintainer.cancel()
+        for db in state.databases.values():
+            db.close_probes()
         await asyncio.gather(*(db.pool.close() for db in state.databases.values()))
         state.listening = False
         if self.metrics is not None:

@@ -37,6 +37,7 @@ from hyperpool.config import ADMIN_DATABASES
 from hyperpool.database import Database
 from hyperpool.errors import ClientProtocolError, PoolError, ProxyError, UpstreamError, error_response
 from hyperpool.prepared import PREFIX, Statement
+from hyperpool.probes import ORIGIN_RTT_PARAMETER
 from hyperpool.protocol import messages
 from hyperpool.protocol.framing import (
     INTERCEPTED_MARK,
@@ -492,6 +493,9 @@ class ClientSession(asyncio.Protocol):
         if server is None and kinds and kinds.count(_FLUSH) == len(kinds) and not self._queued and \
                 self._attach_task is None:
             return  # only Flush, and nothing pending anywhere
+        if server is None and kinds == b"S" and not self._queued and self._attach_task is None:
+            self._lone_sync()
+            return
         if server is None and events and self._attach_task is None and not self.state.shutting_down and \
                 (type(events[0]) is not Message or events[0].type != _TERMINATE):  # type: ignore[union-attr]
             assert self.database is not None
@@ -508,6 +512,15 @@ class ClientSession(asyncio.Protocol):
             return  # the common case with prepared statements: Bind of one this connection has
         elif events:
             self._forward_mixed(events, kinds)
+
+    def _lone_sync(self) -> None:
+        """A Sync with nothing before it, outside a transaction: PostgreSQL would only say ReadyForQuery 'I',
+        so hyperpool does, without a server. An edge instance probing this one uses it: the answer carries
+        this instance's RTT to the origin (see probes.py)."""
+        assert self.database is not None
+        rtt = self.state.origin_rtt(self.database)
+        shown = b"" if rtt is None else messages.parameter_status(ORIGIN_RTT_PARAMETER, f"{rtt * 1000:.3f}")
+        self.send(shown + _READY_IDLE)
 
     def _bind_prepared(self, events: list[bytes | memoryview | Message], kinds: bytearray) -> bool:
         """Bind + (Execute, Sync...) of a statement the attached server connection already has."""
@@ -1121,7 +1134,7 @@ class ClientSession(asyncio.Protocol):
             if self.server is conn and not conn.busy:
                 self.server_ready(conn, conn.tx_status)
 
-        server.send_internal(snapshot_sql(server.db.user), done, rows)
+        server.send_internal(snapshot_sql(None if server.db.via else server.db.user), done, rows)
 
     def _adopt_session_state(self, server: ServerConnection, rows: Rows, known: list[bytes]) -> None:
         settings: dict[str, str] = {}

@@ -58,10 +58,13 @@ _PLAN_CHANGED = "cached plan must not change result type"
 _IDENT_OK = re.compile(r"^[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?$")
 
 
-def snapshot_sql(login_user: str) -> str:
+def snapshot_sql(login_user: str | None) -> str:
     """What hyperpool reads back after a transaction that may have changed session state: session-level
     settings ('s'), SQL-level prepared statements ('p'), protocol-level ones ('q') and every reason
-    ('x') the session cannot move to another server connection."""
+    ('x') the session cannot move to another server connection. ``login_user``: the role the connection
+    logged in as (None through another hyperpool instance, which checks its own login role)."""
+    role = "current_user <> session_user" + (
+        "" if login_user is None else f" OR session_user <> {quote_literal(login_user)}")
     return (
         "SELECT 's', lower(name), setting FROM pg_catalog.pg_settings WHERE source = 'session' "
         "UNION ALL SELECT 'p', name, statement FROM pg_catalog.pg_prepared_statements WHERE from_sql "
@@ -72,7 +75,7 @@ def snapshot_sql(login_user: str) -> str:
         "AND pid = pg_catalog.pg_backend_pid())), "
         "('temp_table', EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())), "
         "('hold_cursor', EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable)), "
-        f"('role', current_user <> session_user OR session_user <> {quote_literal(login_user)})"
+        f"('role', {role})"
         ") AS v(reason, held) WHERE held"
     )
 

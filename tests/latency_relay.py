@@ -144,7 +144,10 @@ class _Pipe:
         if self.src.lost or not transport.can_write_eof():
             transport.close()  # close() still sends what the transport has buffered
         else:
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the other end is already gone
+                transport.close()
         self.src.conn.maybe_done()
 
     def drop(self) -> None:
