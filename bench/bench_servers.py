@@ -1,12 +1,22 @@
-"""The servers bench/compare.py runs pgbench against: helpers to start, probe and stop them.
+"""The servers the benches run against: helpers to start, probe and stop them.
 
-PgBouncer and hyperpool run as our children, each in its own process group, logging to files in a
-temp dir; stop() signals the group (PgBouncer runs under ``runuser`` when we are root).
+PgBouncer, pgpool-II, hyperpool and latency relays run as our children, each in its own process group,
+logging to files in a temp dir; stop() signals the group (PgBouncer and pgpool run under ``runuser`` when
+we are root).
+
+Run as a script, this module is the latency relay's process (bench/regional.py starts it through
+:class:`LatencyRelayProcess`)::
+
+    python bench/bench_servers.py relay --listen-port P --target-port T --delay-ms 25
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import datetime
+import ipaddress
 import os
 import pwd
 import shutil
@@ -253,7 +263,10 @@ class PgBouncer(ManagedProcess):
 class Hyperpool(ManagedProcess):
     name = "hyperpool"
 
-    def __init__(self, workdir: Path, pg_port: int, pool_size: int, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, pg_port: int, pool_size: int, extra: dict[str, Any] | None = None,
+                 name: str | None = None) -> None:
+        if name is not None:
+            self.name = name  # several instances in one bench (bench/regional.py: "edge", "pool")
         super().__init__(workdir)
         self.pg_port = pg_port
         self.pool_size = pool_size
@@ -337,8 +350,109 @@ class PgPool(ManagedProcess):
         return [*prefix, str(PGPOOL_BIN), "-n", "-D", "-f", str(self.conf), "-a", str(self.hba), "-F", str(self.pcp)]
 
 
+class LatencyRelayProcess(ManagedProcess):
+    """tests/latency_relay.py's LatencyRelay in a process of its own (this module run as a script), so that
+    its timers do not share a GIL with the client or a server: HOST:port -> HOST:target_port, each direction
+    delayed by ``delay_ms``, a new connection's setup by one round trip."""
+
+    name = "relay"
+
+    def __init__(self, workdir: Path, target_port: int, delay_ms: float, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+        super().__init__(workdir)
+        self.target_port = target_port
+        self.delay_ms = delay_ms
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "relay", "--listen-port", str(self.port),
+                "--target-port", str(self.target_port), "--delay-ms", str(self.delay_ms)]
+
+    def popen_options(self) -> dict[str, Any]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        return {"env": env, "cwd": REPO}
+
+
+def write_self_signed_cert(directory: Path, owner: tuple[int, int] | None = None) -> tuple[Path, Path]:
+    """A throwaway ECDSA P-256 certificate for 127.0.0.1/localhost, valid for a day: (cert.pem, key.pem).
+
+    The key is 0600 and, when ``owner`` is given (we are root and PostgreSQL runs as ``postgres``), owned by
+    it: PostgreSQL refuses a key file that others can read or that belongs to another non-root user.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.chmod(0o644)
+    if owner is not None:
+        for path in (directory, cert_path, key_path):
+            os.chown(path, *owner)
+    return cert_path, key_path
+
+
 def run_as_owner() -> tuple[int, int] | None:
     if os.geteuid() != 0:
         return None
     entry = pwd.getpwnam(RUN_AS)
     return entry.pw_uid, entry.pw_gid
+
+
+# ---------------------------------------------------------------------------------------------
+# The latency relay's process
+
+
+def relay_main(argv: Sequence[str]) -> int:
+    """Serve one LatencyRelay until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="bench_servers.py relay",
+                                     description="a loopback TCP relay delaying each direction "
+                                                 "(tests/latency_relay.py)")
+    parser.add_argument("--listen-port", type=int, required=True)
+    parser.add_argument("--target-port", type=int, required=True)
+    parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay, milliseconds")
+    parser.add_argument("--max-connections", type=int, default=256)
+    args = parser.parse_args(argv)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.latency_relay import LatencyRelay
+
+    async def serve() -> None:
+        relay = LatencyRelay(HOST, args.target_port, args.delay_ms / 1000.0, listen_host=HOST,
+                             max_connections=args.max_connections)
+        relay.port = args.listen_port  # LatencyRelay listens on .port (0: any free one)
+        await relay.start()
+        print(f"relay {HOST}:{relay.port} -> {HOST}:{args.target_port}, one-way delay {args.delay_ms:g} ms "
+              f"(pid {os.getpid()})", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await relay.stop()
+        print(f"relay stopped ({relay.refused} connections refused over max_connections)", flush=True)
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["relay"]:
+        sys.exit("usage: python bench/bench_servers.py relay --listen-port P --target-port T --delay-ms D")
+    sys.exit(relay_main(sys.argv[2:]))

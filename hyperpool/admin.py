@@ -115,7 +115,7 @@ class AdminConsole:
             waiting = [s for s in sessions if s.waiting_since is not None]
             maxwait = max((now - s.waiting_since for s in waiting if s.waiting_since is not None), default=0.0)
             pool = db.pool
-            rows.append((name, db.config.user, sum(1 for s in sessions if s.server is not None), len(waiting), 0, 0,
+            rows.append((name, db.login.user, sum(1 for s in sessions if s.server is not None), len(waiting), 0, 0,
                          len(pool.active), 0, 0, len(pool.idle), 0, 0, pool.connecting, int(maxwait),
                          int((maxwait % 1) * 1_000_000), db.config.pool.pool_mode))
         return result(POOLS, rows, "SHOW")
@@ -154,7 +154,7 @@ class AdminConsole:
     def _server_row(name: str, db: Database, conn: ServerConnection, state: str, opened: float) -> Row:
         local = conn.transport.get_extra_info("sockname") if conn.transport is not None else None
         local = local or ("", 0)
-        return ("S", db.config.user, name, state, db.config.host, db.config.port, local[0], local[1],
+        return ("S", conn.db.user, name, state, conn.db.host, conn.db.port, local[0], local[1],
                 _timestamp(opened), _timestamp(opened), 0, 0, 0, _ptr(conn),
                 _ptr(conn.client) if conn.client is not None else "", conn.backend_key[0],
                 "TLS" if conn.transport is not None and conn.transport.get_extra_info("ssl_object") else "",
@@ -163,9 +163,10 @@ class AdminConsole:
     def show_databases(self) -> bytes:
         rows = []
         for name, db in sorted(self.state.databases.items()):
-            cfg, pool = db.config, db.pool
-            rows.append((name, cfg.host, cfg.port, cfg.dbname, cfg.user, cfg.pool.pool_size, cfg.pool.min_pool_size,
-                         0, cfg.pool.pool_mode, cfg.pool.max_client_conn, pool.size, int(pool.paused), 0))
+            cfg, pool, login = db.config, db.pool, db.login
+            rows.append((name, login.host, login.port, login.dbname, login.user, cfg.pool.pool_size,
+                         cfg.pool.min_pool_size, 0, cfg.pool.pool_mode, cfg.pool.max_client_conn, pool.size,
+                         int(pool.paused), 0))
         return result(DATABASES, rows, "SHOW")
 
     def show_config(self) -> bytes:

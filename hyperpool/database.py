@@ -118,6 +118,11 @@ class Database:
                 self.pool.discard(conn, "origin changed by reload")
         self.pool.resize(config.pool)
 
+    @property
+    def login(self) -> DatabaseConfig:
+        """Where new server connections go and as whom: the chosen location's, else the entry's own."""
+        return self.target or self.config
+
     def _why_none(self) -> str:
         last = self.placement.last if self.placement is not None else None
         return last.reason if last is not None else ""

@@ -67,7 +67,7 @@ class StateCollector(Collector):
                                          labels=["database"])
         sessions = [s for s in state.sessions if s.database is not None]
         for name, database in sorted(state.databases.items()):
-            user = database.config.user
+            user = database.login.user
             mine = [s for s in sessions if s.database is database]
             pinned = sum(1 for s in mine if s.pins)
             waiting = sum(1 for s in mine if s.waiting_since is not None)
