@@ -60,6 +60,7 @@ class Database:
         self._setup_placement(config)
         self.origin_samples: deque[float] = deque(maxlen=config.placement.samples)  # RTT to the origin, seconds
         self.origin_probed_at = -1e9
+        self.origin_probing = False  # one origin probe at a time
         self.probing = False
         self.placement_task: asyncio.Task[None] | None = None  # the probe loop (ServerState runs it)
         self._probers: dict[str, probes.LocationProber] = {}
@@ -113,9 +114,7 @@ class Database:
         if origin_changed:
             self.server_params = None
             self._validated.clear()
-            self.pool.generation += 1  # connections to the old origin are closed as they come back
-            for conn in list(self.pool.idle):
-                self.pool.discard(conn, "origin changed by reload")
+            self.pool.retarget()  # connections to the old origin are closed as they come back
         self.pool.resize(config.pool)
 
     @property
@@ -137,8 +136,13 @@ class Database:
         return not self.config.locations or LOCAL in self.targets
 
     async def probe_origin(self) -> float | None:
-        """One RTT sample to the origin (SELECT 1 on the prober's warm connection), kept for the median."""
+        """One RTT sample to the origin (SELECT 1 on the prober's warm connection), kept for the median. A
+        failed probe forgets the samples: an instance that cannot reach its origin reports no figure (and the
+        edges asking take it out) rather than its last good one."""
         self.origin_probed_at = self.clock()
+        if self.origin_probing:
+            return None
+        self.origin_probing = True
         if self._origin_prober is None or self._origin_prober.target is not self.config:
             if self._origin_prober is not None:
                 self._origin_prober.close()
@@ -148,7 +152,10 @@ class Database:
         except (OSError, TimeoutError, ProxyError) as exc:
             log.info("probe of the origin of database %s failed: %s", self.config.name,
                      getattr(exc, "message", None) or exc or type(exc).__name__)
+            self.origin_samples.clear()
             return None
+        finally:
+            self.origin_probing = False
         self.origin_samples.append(sample)
         return sample
 
@@ -183,9 +190,7 @@ class Database:
             log.warning("placement of database %s: %s -> %s: %s", self.config.name, decision.previous or "none",
                         decision.chosen or "none", decision.reason)
         if self.target is not previous:
-            self.pool.generation += 1  # connections to the old location close as they come back
-            for conn in list(self.pool.idle):
-                self.pool.discard(conn, "placement moved the database")
+            self.pool.retarget()  # connections to the old location close as they come back
 
     def close_probes(self) -> None:
         for prober in self._probers.values():

@@ -208,6 +208,14 @@ class Pool(Generic[C]):
     def last_error(self) -> str:
         return self._last_failure[1].message if self._last_failure else ""
 
+    def retarget(self) -> None:
+        """The connections' destination changed (origin or placement): older connections are not reused, and
+        the last connect failure (another destination's) no longer holds new connects back."""
+        self.generation += 1
+        self._last_failure = None
+        for conn in list(self.idle):
+            self.discard(conn, "destination changed")
+
     # --- opening connections ------------------------------------------------------------
 
     def _grow(self) -> None:

@@ -53,6 +53,8 @@ class OriginProber:
     async def sample(self, timeout: float) -> float:
         """One RTT sample (seconds); raises OSError, TimeoutError or ProxyError."""
         conn = await _warm(self._conn, self.target, timeout)
+        if self._conn is not None and self._conn is not conn:
+            self._conn.close("probe connection replaced")
         self._conn = conn
         try:
             return await timed(conn, "SELECT 1", timeout)

@@ -193,7 +193,7 @@ class ServerState:
     def origin_rtt(self, database: Database) -> float | None:
         """What this instance reports as its RTT to ``database``'s origin (to an edge that asks); a figure
         older than the probe interval starts a new probe in the background."""
-        if database.pools_locally() and not database.probing and \
+        if database.pools_locally() and not database.origin_probing and \
                 self.clock() - database.origin_probed_at >= database.config.placement.probe_interval:
             database.origin_probed_at = self.clock()
             self.spawn(database.probe_origin())

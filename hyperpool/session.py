@@ -1160,9 +1160,10 @@ class ClientSession(asyncio.Protocol):
         server.applied = dict(settings)
         self.sql_prepared = prepared
         server.sql_prepared = dict(prepared)
-        for gone in known:
-            if gone not in protocol:
-                server.prepared.pop(gone, None)  # deallocated (DISCARD ALL, DEALLOCATE ALL)
+        if not server.db.via:  # (through another instance the names there are its own, not these)
+            for gone in known:
+                if gone not in protocol:
+                    server.prepared.pop(gone, None)  # deallocated (DISCARD ALL, DEALLOCATE ALL)
         if tuple(pins) != self.pins:
             log.debug("client %s pinned: %s", self.key[0], ", ".join(pins) or "no longer")
         self.pins = tuple(pins)
