@@ -24,6 +24,7 @@ from hyperpool.upstream import ServerConnection, open_server
 
 ORIGIN_RTT_PARAMETER = "hyperpool.origin_rtt_ms"
 _REASK = 0.05  # seconds between Syncs while a location has no figure for its origin yet
+_FIGURE_WAIT = 1.0  # seconds to wait for that figure before the probe counts as failed
 
 
 async def timed(conn: ServerConnection, request: str | bytes, timeout: float) -> float:
@@ -89,8 +90,8 @@ class LocationProber:
             conn.params.pop(ORIGIN_RTT_PARAMETER, None)  # this round's figure, or none
             first = await timed(conn, messages.SYNC, timeout)
             # an instance asked for the first time (or after a while) starts measuring then: ask again shortly
-            waited = 0.0
-            while ORIGIN_RTT_PARAMETER not in conn.params and waited < timeout:
+            waited = 0.0  # (briefly: a location that cannot measure its origin must not hold up the round)
+            while ORIGIN_RTT_PARAMETER not in conn.params and waited < min(timeout, _FIGURE_WAIT):
                 await asyncio.sleep(_REASK)
                 waited += _REASK
                 await timed(conn, messages.SYNC, timeout)
