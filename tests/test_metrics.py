@@ -20,6 +20,7 @@ from tests.support import (
     OWNER,
     ProxyRunner,
     base_config,
+    catalog_read,
     free_port,
     hold_the_server,
     let_go,
@@ -60,6 +61,23 @@ def metrics_proxy(pg: EmbeddedPostgres) -> Any:
                                      db={"pool_size": 2, "min_pool_size": 1}))
     yield runner
     runner.stop()
+
+
+def test_a_cache_hit_moves_the_hit_counter(metrics_proxy: ProxyRunner) -> None:
+    """Real queries, not the cache's API: a repeated read is a miss, then a hit."""
+    with psycopg.connect(metrics_proxy.dsn(), autocommit=True) as conn:
+        catalog_read(metrics_proxy)  # (nothing is classified before the catalog is read)
+        before = scrape(metrics_proxy)
+        assert conn.execute("select 40 + 2 as answer").fetchone() == (42,)
+        assert conn.execute("select 40 + 2 as answer").fetchone() == (42,)
+    after = scrape(metrics_proxy)
+
+    def moved(status: str) -> float:
+        name = "hyperpool_cache_requests_total"
+        return value(after, name, database=APPDB, status=status) - value(before, name, database=APPDB, status=status)
+
+    assert (moved("miss"), moved("hit")) == (1, 1)
+    assert value(after, "hyperpool_cache_entries", database=APPDB) >= 1
 
 
 def test_counters_move_with_the_workload(metrics_proxy: ProxyRunner) -> None:
