@@ -140,8 +140,8 @@ class Database:
         failed probe forgets the samples: an instance that cannot reach its origin reports no figure (and the
         edges asking take it out) rather than its last good one."""
         self.origin_probed_at = self.clock()
-        if self.origin_probing:
-            return None
+        if self.origin_probing:  # (another is running: its figure, or the last ones, will do)
+            return self.origin_rtt()
         self.origin_probing = True
         if self._origin_prober is None or self._origin_prober.target is not self.config:
             if self._origin_prober is not None:
@@ -201,6 +201,7 @@ class Database:
             self._origin_prober = None
         if self.placement_task is not None:
             self.placement_task.cancel()
+            self.placement_task = None
 
     def _reconfigure_cache(self, config: DatabaseConfig) -> None:
         if _new_cache(config) is None:

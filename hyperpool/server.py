@@ -188,7 +188,8 @@ class ServerState:
                     log.exception("placement probe round for database %s failed", database.config.name)
                 await asyncio.sleep(database.config.placement.probe_interval)
         finally:
-            database.placement_task = None
+            if database.placement_task is asyncio.current_task():  # (a reload may have started another)
+                database.placement_task = None
 
     def origin_rtt(self, database: Database) -> float | None:
         """What this instance reports as its RTT to ``database``'s origin (to an edge that asks); a figure
