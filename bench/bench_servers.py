@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -451,6 +451,36 @@ def relay_main(argv: Sequence[str]) -> int:
     asyncio.run(serve())
     return 0
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The benches' entry point
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    print(f"\n{signal.Signals(signum).name} received; cleaning up", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def run_bench(bench: Callable[[contextlib.ExitStack, Any], int], args: Any) -> int:
+    """Run ``bench(stack, args)``; exit status 2 when the setup failed, 130/143 on Ctrl-C/SIGTERM, and
+    everything on the stack stopped in every case (a second signal cannot cut the cleanup short)."""
+    from hyperpool.embedded import EmbeddedPostgresError
+
+    signal.signal(signal.SIGTERM, _terminate)
+    stack = contextlib.ExitStack()
+    try:
+        return bench(stack, args)
+    except (BenchError, EmbeddedPostgresError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.close()
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["relay"]:

@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,11 +49,12 @@ from bench_servers import (  # noqa: E402
     client_env,
     first_line,
     run_as_owner,
+    run_bench,
     tool,
 )
 
 from hyperpool import __version__ as HYPERPOOL_VERSION  # noqa: E402
-from hyperpool.embedded import EmbeddedPostgres, EmbeddedPostgresError  # noqa: E402
+from hyperpool.embedded import EmbeddedPostgres  # noqa: E402
 
 WARMUP_SECONDS = 2
 MODES = ("simple", "extended", "prepared")
@@ -479,27 +479,8 @@ def bench(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     return 0 if all(row.trustworthy for row in rows) else 1
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    print(f"\n{signal.Signals(signum).name} received; cleaning up", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    stack = contextlib.ExitStack()
-    try:
-        return bench(stack, args)
-    except (BenchError, EmbeddedPostgresError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stack.close()
+    return run_bench(bench, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -59,6 +58,7 @@ from bench_servers import (  # noqa: E402
     LatencyRelayProcess,
     ManagedProcess,
     run_as_owner,
+    run_bench,
     run_psql,
     write_self_signed_cert,
 )
@@ -66,7 +66,7 @@ from cache import first_text_line, parse_table  # noqa: E402
 from compare import indent  # noqa: E402
 
 from hyperpool import __version__ as HYPERPOOL_VERSION  # noqa: E402
-from hyperpool.embedded import EmbeddedPostgres, EmbeddedPostgresError  # noqa: E402
+from hyperpool.embedded import EmbeddedPostgres  # noqa: E402
 
 WARMUPS = 3  # untimed requests per path before the measured ones
 POOL_SIZE = 4  # pool_size = min_pool_size of both hyperpool instances: warm connections before the first request
@@ -831,27 +831,8 @@ def bench(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) and not checks.problems else 1
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    print(f"\n{signal.Signals(signum).name} received; cleaning up", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    stack = contextlib.ExitStack()
-    try:
-        return bench(stack, args)
-    except (BenchError, EmbeddedPostgresError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stack.close()
+    return run_bench(bench, parse_args(argv))
 
 
 if __name__ == "__main__":
