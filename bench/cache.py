@@ -21,10 +21,8 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,8 +35,6 @@ for _path in (str(REPO), str(Path(__file__).resolve().parent)):
 
 from bench_servers import (  # noqa: E402
     DBNAME,
-    HOST,
-    LOG_TAIL_LINES,
     PASSWORD,
     PGBOUNCER_BIN,
     PGPOOL_BIN,
@@ -48,14 +44,13 @@ from bench_servers import (  # noqa: E402
     ManagedProcess,
     PgBouncer,
     PgPool,
-    client_env,
     first_line,
     run_as_owner,
     run_bench,
     run_psql,
     tool,
 )
-from compare import Cell, Run, Target, indent, parse_pgbench, pgbouncer_secret  # noqa: E402
+from compare import Cell, Run, Target, indent, pgbouncer_secret, run_pgbench  # noqa: E402
 
 from hyperpool import __version__ as HYPERPOOL_VERSION  # noqa: E402
 from hyperpool.embedded import EmbeddedPostgres  # noqa: E402
@@ -125,20 +120,7 @@ def workload_named(name: str) -> Workload | None:
 
 
 def pgbench_script(port: int, script: Path, clients: int, duration: int) -> Run:
-    args = [tool("pgbench"), "-n", "-f", str(script), "-M", "simple", "-c", str(clients),
-            "-j", str(min(2, clients)), "-T", str(duration), "-h", HOST, "-p", str(port), "-U", USER, DBNAME]
-    started = time.monotonic()
-    try:
-        out = subprocess.run(args, capture_output=True, text=True, errors="replace", env=client_env(),
-                             timeout=duration + 60, check=False)
-    except subprocess.TimeoutExpired as exc:
-        text = "\n".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
-                         for part in (exc.stdout, exc.stderr))
-        run = parse_pgbench(text, None, time.monotonic() - started)
-        run.problems.insert(0, f"pgbench did not finish within {duration + 60} s (hang?); killed")
-        run.output_tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-        return run
-    return parse_pgbench(out.stdout + "\n" + out.stderr, out.returncode, time.monotonic() - started)
+    return run_pgbench(port, ["-f", str(script), "-M", "simple"], clients, duration)
 
 
 def pooler_died(target: Target) -> str | None:

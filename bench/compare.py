@@ -128,7 +128,12 @@ def parse_pgbench(text: str, exit_code: int | None, seconds: float) -> Run:
 
 
 def pgbench(port: int, scenario: Scenario, mode: str, clients: int, duration: int) -> Run:
-    args = [tool("pgbench"), "-n", *scenario.flags, "-M", mode, "-c", str(clients), "-j", str(min(2, clients)),
+    return run_pgbench(port, [*scenario.flags, "-M", mode], clients, duration)
+
+
+def run_pgbench(port: int, flags: Sequence[str], clients: int, duration: int) -> Run:
+    """``pgbench -n FLAGS -c clients -j min(2, clients) -T duration`` against ``port``, parsed (a hang is killed)."""
+    args = [tool("pgbench"), "-n", *flags, "-c", str(clients), "-j", str(min(2, clients)),
             "-T", str(duration), "-h", HOST, "-p", str(port), "-U", USER, DBNAME]
     started = time.monotonic()
     try:
