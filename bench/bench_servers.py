@@ -453,6 +453,27 @@ def relay_main(argv: Sequence[str]) -> int:
 
 
 
+def machine_basics(server_version: str) -> dict[str, Any]:
+    """What every bench prints first about the machine: host, CPUs, load, PostgreSQL and hyperpool versions."""
+    import platform
+
+    from hyperpool import __version__
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "machine": f"{platform.node()} {platform.system()} {platform.release()} {platform.machine()}",
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "loadavg (start)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "PostgreSQL": server_version,
+        "hyperpool": f"{__version__} (python {platform.python_version()}, {sys.executable})",
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The benches' entry point
 

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -45,6 +44,7 @@ from bench_servers import (  # noqa: E402
     PgBouncer,
     PgPool,
     first_line,
+    machine_basics,
     run_as_owner,
     run_bench,
     run_psql,
@@ -52,7 +52,6 @@ from bench_servers import (  # noqa: E402
 )
 from compare import Cell, Run, Target, indent, pgbouncer_secret, run_pgbench  # noqa: E402
 
-from hyperpool import __version__ as HYPERPOOL_VERSION  # noqa: E402
 from hyperpool.embedded import EmbeddedPostgres  # noqa: E402
 
 WARMUP_SECONDS = 2
@@ -592,20 +591,10 @@ def start_targets(stack: contextlib.ExitStack, pg: EmbeddedPostgres, workdir: Pa
 
 def machine_info(pg: EmbeddedPostgres, args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
     running = {t.key for t in targets if not t.skipped}
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
     return {
-        "machine": f"{platform.node()} {platform.system()} {platform.release()} {platform.machine()}",
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "loadavg (start)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "PostgreSQL": pg.execute("show server_version"),
+        **machine_basics(pg.execute("show server_version")),
         "PgBouncer": first_line([str(PGBOUNCER_BIN), "--version"]) if "pgbouncer" in running else "absent",
         "pgpool-II": first_line([str(PGPOOL_BIN), "--version"]) if "pgpool" in running else "absent",
-        "hyperpool": f"{HYPERPOOL_VERSION} (python {platform.python_version()}, {sys.executable})",
         "pgbench": first_line([tool("pgbench"), "--version"]),
         "settings": (f"pgbench -n -f SCRIPT -M simple -c {args.clients} -j {min(2, args.clients)} "
                      f"-T {args.duration}; rounds={args.rounds} warm-up={WARMUP_SECONDS}s "

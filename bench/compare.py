@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -48,12 +47,12 @@ from bench_servers import (  # noqa: E402
     Pooler,
     client_env,
     first_line,
+    machine_basics,
     run_as_owner,
     run_bench,
     tool,
 )
 
-from hyperpool import __version__ as HYPERPOOL_VERSION  # noqa: E402
 from hyperpool.embedded import EmbeddedPostgres  # noqa: E402
 
 WARMUP_SECONDS = 2
@@ -414,19 +413,9 @@ def pgbouncer_secret(pg: EmbeddedPostgres, kind: str) -> str:
 
 
 def machine_info(pg: EmbeddedPostgres, args: argparse.Namespace, bouncer: bool) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
     return {
-        "machine": f"{platform.node()} {platform.system()} {platform.release()} {platform.machine()}",
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "loadavg (start)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "PostgreSQL": pg.execute("show server_version"),
+        **machine_basics(pg.execute("show server_version")),
         "PgBouncer": first_line([str(PGBOUNCER_BIN), "--version"]) if bouncer else "absent",
-        "hyperpool": f"{HYPERPOOL_VERSION} (python {platform.python_version()}, {sys.executable})",
         "pgbench": first_line([tool("pgbench"), "--version"]),
         "settings": (f"clients={args.clients} jobs={min(2, args.clients)} duration={args.duration}s "
                      f"rounds={args.rounds} scale={args.scale} pool_size={args.pool_size} "

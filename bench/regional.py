@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import socket
 import ssl
@@ -57,6 +56,7 @@ from bench_servers import (  # noqa: E402
     Hyperpool,
     LatencyRelayProcess,
     ManagedProcess,
+    machine_basics,
     run_as_owner,
     run_bench,
     run_psql,
@@ -65,7 +65,6 @@ from bench_servers import (  # noqa: E402
 from cache import first_text_line, parse_table  # noqa: E402
 from compare import indent  # noqa: E402
 
-from hyperpool import __version__ as HYPERPOOL_VERSION  # noqa: E402
 from hyperpool.embedded import EmbeddedPostgres  # noqa: E402
 
 WARMUPS = 3  # untimed requests per path before the measured ones
@@ -768,18 +767,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def machine_info(servers: Stack, args: argparse.Namespace) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
     return {
-        "machine": f"{platform.node()} {platform.system()} {platform.release()} {platform.machine()}",
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "loadavg (start)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "PostgreSQL": servers.pg.execute("show server_version"),
-        "hyperpool": f"{HYPERPOOL_VERSION} (python {platform.python_version()}, {sys.executable})",
+        **machine_basics(servers.pg.execute("show server_version")),
         "client": f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__}), libpq {psycopg.pq.version()}",
         "processes": (f"PostgreSQL :{servers.pg.port}, db-relay :{servers.db_relay.port}, pool :{servers.pool.port}, "
                       f"pool-relay :{servers.pool_relay.port}, edge :{servers.edge.port} (each its own process)"),
