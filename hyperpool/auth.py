@@ -35,16 +35,19 @@ async def _read_password(io: AuthIO) -> Message:
     return msg
 
 
-# A verifier for users that do not exist, so the exchange looks the same (PostgreSQL's mock auth).
-_MOCK_SALT = os.urandom(16)
+# A verifier for users that do not exist, so the exchange looks the same (PostgreSQL's mock auth): the salt
+# is stable per user name for the life of the process and the iteration count is the configured one, so
+# neither tells an unknown user from a known one. No key derivation is run: no password can match it.
+_MOCK_SECRET = os.urandom(32)
 
 
-def _mock_verifier() -> scram.ScramVerifier:
-    return scram.make_verifier(os.urandom(16).hex(), salt=_MOCK_SALT)
+def _mock_verifier(user_name: str, iterations: int) -> scram.ScramVerifier:
+    salt = hmac.digest(_MOCK_SECRET, user_name.encode("utf-8", "surrogateescape"), "sha256")[:scram.SALT_LENGTH]
+    return scram.ScramVerifier(iterations, salt, os.urandom(32), os.urandom(32))
 
 
-async def _scram(io: AuthIO, user_name: str, user: UserConfig | None) -> bytes:
-    verifier = user.scram if user is not None and user.scram is not None else _mock_verifier()
+async def _scram(io: AuthIO, user_name: str, user: UserConfig | None, iterations: int) -> bytes:
+    verifier = user.scram if user is not None and user.scram is not None else _mock_verifier(user_name, iterations)
     server = scram.ScramServer(verifier)
     io.send(messages.authentication_sasl([scram.MECHANISM]))
     try:
@@ -113,7 +116,7 @@ async def authenticate(io: AuthIO, config: Config, user_name: str, tls: bool) ->
             raise AuthenticationError(f'role "{user_name}" does not exist', sqlstate="28000")
     elif method == "scram-sha-256" or (method == "md5" and user is not None and user.scram is not None
                                       and user.plaintext is None):
-        final = await _scram(io, user_name, user)
+        final = await _scram(io, user_name, user, config.scram_iterations)
     elif method == "md5":
         await _md5(io, user_name, user)
     else:

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="config file (default: --config)")
     passwd = sub.add_parser("passwd", help="read a password on stdin, print a SCRAM-SHA-256 verifier")
     passwd.add_argument("user")
+    passwd.add_argument("--iterations", type=int, default=scram.DEFAULT_ITERATIONS,
+                        help="PBKDF2 iterations each login costs the client (default %(default)s)")
     demo = sub.add_parser("demo", help="start a throwaway PostgreSQL with hyperpool in front of it")
     demo.add_argument("--port", type=int, default=6432, help="port for hyperpool (0 = any free port)")
     return parser
@@ -69,12 +71,15 @@ def cmd_check_config(path: str) -> int:
     return 0
 
 
-def cmd_passwd(user: str) -> int:
+def cmd_passwd(user: str, iterations: int = scram.DEFAULT_ITERATIONS) -> int:
+    if not 1 <= iterations <= scram.MAX_ITERATIONS:
+        print(f"hyperpool passwd: --iterations must be between 1 and {scram.MAX_ITERATIONS}", file=sys.stderr)
+        return 2
     password = getpass.getpass(f"password for {user}: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
     if not password:
         print("hyperpool passwd: empty password", file=sys.stderr)
         return 2
-    verifier = scram.make_verifier(password)
+    verifier = scram.make_verifier(password, iterations=iterations)
     print(f'{json.dumps(user)}: {{password: "{verifier}"}}')
     return 0
 
@@ -130,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return cmd_check_config(args.file or args.config)
     if args.command == "passwd":
-        return cmd_passwd(args.user)
+        return cmd_passwd(args.user, args.iterations)
     if args.command == "demo":
         return cmd_demo(args.port)
     return cmd_run(args.config)

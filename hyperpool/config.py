@@ -130,6 +130,7 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = DEFAULT_LISTEN_PORT
     auth_type: str = "scram-sha-256"
+    scram_iterations: int = scram.DEFAULT_ITERATIONS  # for verifiers hyperpool derives from plain text
     allow_cleartext_over_tcp: bool = False
     users: Mapping[str, UserConfig] = field(default_factory=dict)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
@@ -247,27 +248,34 @@ def _pool_settings(section: Mapping[str, Any], base: PoolSettings, key: str) -> 
     return settings
 
 
-def _user(name: str, raw: Any) -> UserConfig:
+def _iterations(value: Any, key: str) -> int:
+    return _int(value, key, 1, scram.MAX_ITERATIONS)
+
+
+def _user(name: str, raw: Any, iterations: int) -> UserConfig:
     key = f"users.{name}"
     if isinstance(raw, str):
         raw = {"password": raw}
     section = _mapping(raw, key)
-    _check_keys(section, {"password"}, key)
+    _check_keys(section, {"password", "scram_iterations"}, key)
     if "password" not in section:
         raise ConfigError(f"{key}.password: required")
     password = _str(section["password"], f"{key}.password")
     if not password:
         raise ConfigError(f"{key}.password: must not be empty")
-    verifier: scram.ScramVerifier | None
+    plain = not password.startswith("SCRAM-SHA-256$") and not scram.is_md5_hash(password)
+    if "scram_iterations" in section and not plain:
+        raise ConfigError(f"{key}.scram_iterations: only for a plain-text password "
+                          "(a SCRAM verifier carries its own iteration count; an md5 hash has none)")
+    verifier: scram.ScramVerifier | None = None
     if password.startswith("SCRAM-SHA-256$"):
         try:
             verifier = scram.parse_verifier(password)
         except ValueError as exc:
             raise ConfigError(f"{key}.password: {exc}") from None
-    elif scram.is_md5_hash(password):
-        verifier = None
-    else:
-        verifier = scram.make_verifier(password)
+    elif plain:
+        count = _iterations(section.get("scram_iterations", iterations), f"{key}.scram_iterations")
+        verifier = scram.make_verifier(password, iterations=count)
     return UserConfig(name=name, password=password, scram=verifier)
 
 
@@ -425,7 +433,8 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
     listen = _mapping(top.get("listen"), "listen")
     _check_keys(listen, {"host", "port"}, "listen")
     pool = _pool_settings(top, PoolSettings(), "")
-    users = {str(n): _user(str(n), raw) for n, raw in _mapping(top.get("users"), "users").items()}
+    iterations = _iterations(top.get("scram_iterations", scram.DEFAULT_ITERATIONS), "scram_iterations")
+    users = {str(n): _user(str(n), raw, iterations) for n, raw in _mapping(top.get("users"), "users").items()}
     cache = _cache_settings(top.get("cache"), CacheSettings(), "cache")
     dbs = {str(n): _database(str(n), raw, pool, cache)
            for n, raw in _mapping(top.get("databases"), "databases").items()}
@@ -447,6 +456,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "<memory>") ->
         listen_host=_str(listen.get("host", "127.0.0.1"), "listen.host"),
         listen_port=_int(listen.get("port", DEFAULT_LISTEN_PORT), "listen.port", 0, 65535),
         auth_type=auth_type,
+        scram_iterations=iterations,
         allow_cleartext_over_tcp=_bool(top.get("allow_cleartext_over_tcp", False), "allow_cleartext_over_tcp"),
         users=users,
         databases=dbs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import struct
 import subprocess
@@ -145,3 +146,33 @@ def test_psql_client(proxy: ProxyRunner) -> None:
         capture_output=True, text=True, timeout=30, check=True,
     )
     assert out.stdout.strip() == "via app_owner"
+
+
+def _server_first(port: int, user: str) -> dict[str, str]:
+    """Start a SCRAM exchange by hand and return the attributes of the server-first message (r, s, i)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(startup_packet({"user": user, "database": APPDB}))
+        (kind, body), = read_messages(sock, until=b"R")
+        assert kind == b"R" and struct.unpack("!i", body[:4])[0] == 10, body
+        first = b"n,,n=,r=" + b"x" * 24
+        sock.sendall(b"p" + struct.pack("!i", 4 + len(b"SCRAM-SHA-256\0") + 4 + len(first))
+                     + b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+        (kind, body), = read_messages(sock, until=b"RE")
+        assert kind == b"R" and struct.unpack("!i", body[:4])[0] == 11, (kind, body)
+        return dict(part.split("=", 1) for part in body[4:].decode().split(","))
+
+
+def test_scram_iterations_low_for_users_and_for_the_unknown(make_proxy: Callable[..., ProxyRunner]) -> None:
+    users = {APP_USER: {"password": APP_PASSWORD}, "fn": {"password": "f" * 40, "scram_iterations": 8}}
+    proxy = make_proxy(users=users, scram_iterations=64)
+    assert _query_one(proxy.dsn(), "select 1") == 1
+    assert _query_one(proxy.dsn(user="fn", password="f" * 40), "select 2") == 2
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        _query_one(proxy.dsn(user="fn", password="wrong"), "select 1")
+    assert _server_first(proxy.port, APP_USER)["i"] == "64"
+    assert _server_first(proxy.port, "fn")["i"] == "8"
+    # an unknown user gets the configured count and a salt that stays the same per name (PostgreSQL's
+    # mock authentication): nothing in the exchange tells it from a user whose verifier came from the config
+    ghost, again, other = (_server_first(proxy.port, name) for name in ("ghost", "ghost", "phantom"))
+    assert ghost["i"] == "64" and ghost["s"] == again["s"] != other["s"]
+    assert len(base64.b64decode(ghost["s"])) == len(base64.b64decode(_server_first(proxy.port, APP_USER)["s"]))

@@ -129,7 +129,7 @@ def test_check_config_example(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     monkeypatch.setenv("APP_DB_PASSWORD", "x")
     assert main(["check-config", "config/hyperpool.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "ok" in out and "2 databases" in out and "1 users" in out and "127.0.0.1:6432" in out
+    assert "ok" in out and "2 databases" in out and "2 users" in out and "127.0.0.1:6432" in out
     assert DEFAULT_CONFIG_PATH == "config/hyperpool.yaml"
     assert main(["check-config"]) == 0  # the default path is the example
     assert main(["--config", str(EXAMPLE), "check-config"]) == 0
@@ -506,3 +506,49 @@ def test_cache_settings_top_level_and_per_database() -> None:
                          ({"cache": {"enabled": "yes"}}, "cache.enabled")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config({**BASE, **bad}, {})
+
+
+# --- scram_iterations -----------------------------------------------------------------------------------
+
+
+def test_scram_iterations_default_top_level_and_per_user() -> None:
+    cfg = parse_config(BASE, {})
+    assert cfg.scram_iterations == scram.DEFAULT_ITERATIONS
+    assert cfg.users["app"].scram is not None and cfg.users["app"].scram.iterations == scram.DEFAULT_ITERATIONS
+    users = {"app": "secret", "svc": {"password": "x" * 32, "scram_iterations": 16},
+             "pinned": {"password": str(scram.make_verifier("p", iterations=2048))}}
+    cfg = parse_config({**BASE, "users": users, "scram_iterations": 512}, {})
+    assert cfg.scram_iterations == 512
+    got = {name: user.scram.iterations for name, user in cfg.users.items() if user.scram is not None}
+    assert got == {"app": 512, "svc": 16, "pinned": 2048}
+    svc = cfg.users["svc"].scram
+    assert svc is not None and scram.make_verifier("x" * 32, svc.salt, 16).stored_key == svc.stored_key
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"scram_iterations": 0}, "scram_iterations"),
+    ({"scram_iterations": "4096"}, "scram_iterations"),
+    ({"scram_iterations": scram.MAX_ITERATIONS + 1}, "scram_iterations"),
+    ({"users": {"app": {"password": "p", "scram_iterations": 0}}}, "users.app.scram_iterations"),
+    ({"users": {"app": {"password": "p", "scram_iterations": True}}}, "users.app.scram_iterations"),
+    ({"users": {"app": {"password": str(scram.make_verifier("p")), "scram_iterations": 16}}},
+     "users.app.scram_iterations"),
+    ({"auth_type": "md5", "users": {"app": {"password": scram.md5_hash("p", "app"), "scram_iterations": 16}}},
+     "users.app.scram_iterations"),
+])
+def test_scram_iterations_rejected(patch: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({**BASE, **patch}, {})
+    assert _names_key(str(info.value), key), str(info.value)
+
+
+def test_passwd_iterations(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret\n"))
+    assert main(["passwd", "--iterations", "64", "app"]) == 0
+    user = parse_config({**BASE, "users": yaml.safe_load(capsys.readouterr().out)}, {}).users["app"]
+    assert user.scram is not None and user.scram.iterations == 64
+    assert scram.make_verifier("s3cret", user.scram.salt, 64).stored_key == user.scram.stored_key
+    monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret\n"))
+    assert main(["passwd", "--iterations", "0", "app"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--iterations" in captured.err
