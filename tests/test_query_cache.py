@@ -612,6 +612,9 @@ def test_max_age_then_stale_then_gone(pg: EmbeddedPostgres, objects: Objects, st
             assert read_all(conn) == [10, 10, 10]
             d1 = proxy.delta(before)
             assert (d1.stale, d1.hits, d1.misses) == (3, 0, 0)
+            # the three background refreshes store before the clock moves on (else one stored after the
+            # next advance would be fresh then)
+            proxy.wait_for(lambda s: s.stored - before.stored >= 3, "the three refreshes stored")
 
             pgconn.execute(f"update {t} set n = 30 where id = 1")
             proxy.clock.advance(10 + 5 + 0.5)  # past max_age + stale_while_revalidate of any entry: a miss
