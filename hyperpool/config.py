@@ -96,6 +96,12 @@ class DatabaseConfig:
             password=loc.password, sslmode=loc.sslmode, sslrootcert=loc.sslrootcert, connect_options=(),
             via=name) for name, loc in self.locations}
 
+    @property
+    def origin_key(self) -> frozenset[tuple[str, int, str]]:
+        """Where this entry's connections may go: entries with the same key reach the same database, so a
+        write through one invalidates the query caches of all (addresses compared as written)."""
+        return frozenset((t.host, t.port, t.dbname) for t in self.targets().values())
+
 
 @dataclass(frozen=True)
 class Location:

@@ -206,6 +206,12 @@ class ServerState:
             database.catalog_wanted = True
             self.refresh_catalog(database)
 
+    def same_origin(self, database: Database) -> list[Database]:
+        """``database`` and the other entries that reach the same database (DatabaseConfig.origin_key)."""
+        key = database.config.origin_key
+        return [database, *(other for other in self.databases.values()
+                            if other is not database and other.config.origin_key == key)]
+
     def refresh_catalog(self, database: Database) -> None:
         """Read a database's catalog again in the background (first use, reload, and after a failure)."""
         if database.config.cache.enabled and database.catalog_wanted:

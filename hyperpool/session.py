@@ -782,18 +782,18 @@ class ClientSession(asyncio.Protocol):
 
     def _publish_writes(self) -> None:
         """The transaction that wrote ended (ReadyForQuery 'I'): what read its tables is gone from the cache."""
-        database = self.database
-        assert database is not None
-        cache = database.cache
+        assert self.database is not None
         if not self._rolled_back:
-            if cache is not None:
-                if self._writes_all:
-                    cache.invalidate_all()
-                else:
-                    cache.invalidate(self._writes)
-            if self._ddl:
-                database.catalog_changed()
-                self.state.refresh_catalog(database)
+            for database in self.state.same_origin(self.database):  # (other entries for the same database too)
+                cache = database.cache
+                if cache is not None:
+                    if self._writes_all:
+                        cache.invalidate_all()
+                    else:
+                        cache.invalidate(self._writes)
+                if self._ddl:
+                    database.catalog_changed()
+                    self.state.refresh_catalog(database)
         if not self._unsynced or self._rolled_back:  # (more requests are on their way: they may be in it)
             self._writes = set()
             self._writes_all = self._ddl = False

@@ -1287,6 +1287,40 @@ def test_cache_disabled_for_a_database(pg: EmbeddedPostgres, objects: Objects, s
     assert other.show_cache()["hits"] == 1
 
 
+def test_a_write_through_one_entry_invalidates_another_for_the_same_database(
+        pg: EmbeddedPostgres, objects: Objects, make_proxy: Callable[..., ProxyRunner]) -> None:
+    t = objects.table("id int primary key, n int", "insert into {t} values (1, 10)")
+    cfg = overrides()
+    db = base_config(pg.port, **cfg)["databases"][APPDB]
+    other = {**db, "pool_size": 2}  # a second name for the same database (e.g. a smaller pool for a job)
+    elsewhere = {**db, "dbname": "postgres"}  # another database on the same server: not a peer
+    runner = make_proxy(**cfg, databases={APPDB: db, "appdb_b": other, "appdb_c": elsewhere})
+    for name in (APPDB, "appdb_b"):
+        psycopg.connect(runner.dsn(dbname=name)).close()  # the catalog is read once a client has logged in
+        wait_until(lambda name=name: runner.state.databases[name].catalog is not None, f"{name}'s catalog")
+    sql = f"select n from {t} where id = 1"
+    b_cache = runner.state.databases["appdb_b"].cache
+    assert b_cache is not None
+    with psycopg.connect(runner.dsn(dbname="appdb_b"), autocommit=True) as reader, \
+            psycopg.connect(runner.dsn(), autocommit=True) as writer:
+        assert reader.execute(sql).fetchone() == (10,)
+        hits = b_cache.stats.hits
+        assert reader.execute(sql).fetchone() == (10,)
+        assert b_cache.stats.hits == hits + 1  # served from appdb_b's cache
+        writer.execute(f"update {t} set n = 20 where id = 1")
+        assert reader.execute(sql).fetchone() == (20,)  # not the stale 10 from appdb_b's cache
+        assert b_cache.stats.hits == hits + 1
+        with writer.transaction(force_rollback=True):
+            writer.execute(f"update {t} set n = 30 where id = 1")
+        assert reader.execute(sql).fetchone() == (20,)
+        assert b_cache.stats.hits == hits + 2  # a rolled-back write invalidates nothing
+        loads = runner.state.databases["appdb_b"].catalog_loaded_at
+        writer.execute(f"alter table {t} add column extra int")  # DDL: every peer reads its catalog again
+        wait_until(lambda: runner.state.databases["appdb_b"].catalog_loaded_at != loads, "appdb_b's catalog again")
+        assert reader.execute(sql).fetchone() == (20,)
+    assert runner.state.same_origin(runner.state.databases[APPDB])[1:] == [runner.state.databases["appdb_b"]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 7. Not cacheable
 
