@@ -206,6 +206,9 @@ class ClientSession(asyncio.Protocol):
         self._writes_all = False  # ... or every table of the database
         self._ddl = False  # ... and the catalog must be read again
         self._rolled_back = False  # the last statement sent was ROLLBACK: the writes never happened
+        self._noted_write = False  # the last text noted may write
+        self._unnamed_write: bytes | None = None  # the unnamed statement's text when it may write (Bind alone
+        # executes it again)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -487,8 +490,12 @@ class ClientSession(asyncio.Protocol):
                                   and not server.copy_in)
 
     def _route(self, events: list[bytes | memoryview | Message], syncs: int, kinds: bytearray) -> None:
-        if self._caching and self._from_cache(events, syncs, kinds):
-            return
+        if self._caching:
+            if self._from_cache(events, syncs, kinds):
+                return
+            if self._unnamed_write is not None and _BIND in kinds and not any(
+                    type(e) is Message and e.type == _PARSE for e in events):  # type: ignore[union-attr]
+                self._note_text(self._unnamed_write)  # a Bind without a Parse executes the writing statement again
         server = self.server
         if server is None and kinds and kinds.count(_FLUSH) == len(kinds) and not self._queued and \
                 self._attach_task is None:
@@ -764,9 +771,10 @@ class ClientSession(asyncio.Protocol):
         self._rolled_back = False  # (a ROLLBACK sets it again after this)
         classifier = database.classifier
         if classifier is None:  # no catalog yet (or DDL is being read): nothing can be ruled out
-            self._writes_all = True
+            self._writes_all = self._noted_write = True
             return True
         verdict = classifier.verdict(sql, self.wanted.get("search_path"))
+        self._noted_write = verdict.writes_all or bool(verdict.writes)
         if verdict.writes_all:
             self._writes_all = True
             self._ddl = self._ddl or verdict.ddl
@@ -948,6 +956,7 @@ class ClientSession(asyncio.Protocol):
             server.state_changed = True
             server.dirty_for = self
         if not name:
+            self._unnamed_write = sql if self._caching and self._noted_write else None
             server.record(b"P")
             out.append(raw)
             return
@@ -1057,6 +1066,8 @@ class ClientSession(asyncio.Protocol):
                 target = target.name
             if target != name:
                 raw = messages.bind_renamed(msg.payload, portal, target, rest)
+        elif self._unnamed_write is not None and self._caching:
+            self._note_text(self._unnamed_write)  # (to a named portal) it writes again
         server.record(b"B")
         out.append(raw)
 

@@ -870,6 +870,36 @@ def test_writes_through_hyperpool_invalidate(pg: EmbeddedPostgres, objects: Obje
         assert (d1.misses, d1.hits, d1.stored) == (1, 1, 1)
 
 
+def test_the_unnamed_statement_executed_again_by_bind_alone_invalidates(pg: EmbeddedPostgres, objects: Objects,
+                                                                        start: Callable[..., Cached]) -> None:
+    """libpq's PQexecPrepared(conn, "", ...) and other clients may execute the unnamed statement again with Bind,
+    Execute, Sync and no Parse: each such execution writes too. (In transaction pooling that reaches the same
+    server connection only inside a transaction or when the client is pinned, as here by a temporary table.)"""
+    t = objects.table("id int primary key, n int", "insert into {t} values (1, 10)")
+    proxy = start()
+    read = f"select n from {t} where id = 1"
+    def bind_execute_sync(portal: bytes = b"") -> bytes:
+        return (message(b"B", portal + b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+                + message(b"E", portal + b"\0" + struct.pack("!i", 0)) + message(b"S"))
+
+    parse = message(b"P", b"\0" + f"update {t} set n = n + 1 where id = 1".encode() + b"\0" + struct.pack("!h", 0))
+    sock = raw_login(proxy.port)
+    try:
+        assert raw_exchange(sock, query_msg("create temp table pinned_here(i int)"))[-1] == (b"Z", b"I")
+        with proxy.connect() as reader:
+            for expected in (11, 12, 13):
+                answer = raw_exchange(sock, (parse if expected == 11 else b"") + bind_execute_sync())
+                assert [kind for kind, _ in answer] == ([b"1"] if expected == 11 else []) + [b"2", b"C", b"Z"]
+                assert answer[-2][1] == b"UPDATE 1\0"
+                assert reader.execute(read).fetchone() == (expected,)  # (a miss, then stored)
+                assert reader.execute(read).fetchone() == (expected,)  # a hit
+            # to a named portal (the Bind hyperpool looks at)
+            assert [kind for kind, _ in raw_exchange(sock, bind_execute_sync(b"p1"))] == [b"2", b"C", b"Z"]
+            assert reader.execute(read).fetchone() == (14,)
+    finally:
+        sock.close()
+
+
 def test_explicit_transactions_invalidate_at_commit_not_before_and_not_after_rollback(
         pg: EmbeddedPostgres, objects: Objects, start: Callable[..., Cached]) -> None:
     t = objects.table("id int primary key, n int", "insert into {t} values (1, 10)")
