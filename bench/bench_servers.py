@@ -457,7 +457,7 @@ def machine_basics(server_version: str) -> dict[str, Any]:
     """What every bench prints first about the machine: host, CPUs, load, PostgreSQL and hyperpool versions."""
     import platform
 
-    from hyperpool import __version__
+    from hyperpool import __version__, build
 
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -470,7 +470,7 @@ def machine_basics(server_version: str) -> dict[str, Any]:
         "cpu": cpu,
         "loadavg (start)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "PostgreSQL": server_version,
-        "hyperpool": f"{__version__} (python {platform.python_version()}, {sys.executable})",
+        "hyperpool": f"{__version__}, {build()} (python {platform.python_version()}, {sys.executable})",
     }
 
 

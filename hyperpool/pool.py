@@ -259,10 +259,10 @@ class Pool(Generic[C]):
             self._last_failure = (self._clock(), exc)
             log.warning("pool %s: %s", self.name, exc.message)
             raise
-        except Exception as exc:
+        except Exception as unexpected:  # (one name per except: mypyc types each once)
             self.stats.connect_failures += 1
             log.exception("pool %s: unexpected error while connecting", self.name)
-            raise UpstreamError(f"could not connect to the database: {type(exc).__name__}") from exc
+            raise UpstreamError(f"could not connect to the database: {type(unexpected).__name__}") from unexpected
         self._last_failure = None
         return conn
 

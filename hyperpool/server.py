@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from hyperpool import build
 from hyperpool.config import Config, load_config
 from hyperpool.database import Database
 from hyperpool.errors import ConfigError, PoolError
@@ -260,8 +261,8 @@ class Server:
             self.metrics = MetricsServer(self.state)
             await self.metrics.start(cfg.metrics.host, cfg.metrics.port)
         self.state.maintain()
-        log.info("hyperpool listening on %s:%d (%d databases, pool_mode %s)", cfg.listen_host, self.port,
-                 len(self.state.databases), cfg.pool.pool_mode)
+        log.info("hyperpool listening on %s:%d (%d databases, pool_mode %s, %s)", cfg.listen_host, self.port,
+                 len(self.state.databases), cfg.pool.pool_mode, build())
 
     async def _maintain_forever(self) -> None:
         while True:

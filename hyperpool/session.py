@@ -291,8 +291,8 @@ class ClientSession(asyncio.Protocol):
                 return
             await self._authenticate(params)
             self._start_relay()
-        except (ssl.SSLError, ConnectionError) as exc:
-            log.info("client connection failed during login: %s", exc)
+        except (ssl.SSLError, ConnectionError) as broken:  # (one name per except: mypyc types each once)
+            log.info("client connection failed during login: %s", broken)
             self._close_transport()  # nothing readable can be sent on a broken TLS stream
         except ProxyError as exc:
             self.state.count_login_failure(exc.sqlstate)
@@ -302,9 +302,9 @@ class ClientSession(asyncio.Protocol):
             self.fail(exc)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as unexpected:
             log.exception("unexpected error during client login")
-            self.fail(exc)
+            self.fail(unexpected)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -411,8 +411,8 @@ class ClientSession(asyncio.Protocol):
         while self.phase is Phase.READY:
             try:
                 msg = self._setup.next_message()
-            except ProtocolViolation as exc:
-                self.fail(ClientProtocolError(str(exc)))
+            except ProtocolViolation as violation:  # (one name per except: mypyc types each once)
+                self.fail(ClientProtocolError(str(violation)))
                 return
             if msg is None:
                 return
@@ -429,9 +429,9 @@ class ClientSession(asyncio.Protocol):
                 reply = admin.execute(msg.payload[:-1].decode(errors="replace"))
             except ProxyError as exc:
                 reply = error_response(exc)
-            except Exception as exc:  # never a traceback to the client, never a dead console
+            except Exception as unexpected:  # never a traceback to the client, never a dead console
                 log.exception("admin command failed")
-                reply = error_response(exc)
+                reply = error_response(unexpected)
             self.send(reply + _READY_IDLE)
 
     def _start_relay(self) -> None:

@@ -246,8 +246,8 @@ class ServerConnection(asyncio.Protocol):
             requests.clear()  # one simple Query
             return
         for _ in range(count):
-            for i, kind in enumerate(requests):
-                if kind in TERMINATORS:
+            for i in range(len(requests)):  # (not enumerate(): mypyc cannot compile it over a bytearray)
+                if requests[i] in TERMINATORS:
                     del requests[: i + 1]
                     break
             else:

@@ -18,6 +18,7 @@ from tests.support import (
     catalog_read,
     error_code,
     message,
+    pure_python_only,
     query_msg,
     raw_login,
     read_messages,
@@ -180,6 +181,7 @@ def test_close_skipped_after_error_keeps_statement(proxy: ProxyRunner) -> None:
     a.close()
 
 
+@pure_python_only
 def test_read_back_waits_for_cancel_in_flight(make_proxy: Callable[..., ProxyRunner]) -> None:
     """The read-back waits while a cancel is in flight, so the cancel cannot hit it (client would get FATAL)."""
     import hyperpool.session as session_mod
@@ -242,6 +244,7 @@ def test_short_statement_timeout_pins_instead_of_killing_the_client(proxy: Proxy
     a.close()
 
 
+@pure_python_only
 def test_late_cancel_completion_keeps_pinned_server(make_proxy: Callable[..., ProxyRunner]) -> None:
     """after_cancels(_release_if_idle) fires after the client got pinned: the server must stay with it."""
     import asyncio

@@ -122,10 +122,10 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     return _msg(b"p", _cstr(mechanism) + _I32.pack(len(data)) + data)
 
 
-TERMINATE = _msg(b"X")
-SYNC = _msg(b"S")
-PARSE_COMPLETE = _msg(b"1")
-CLOSE_COMPLETE = _msg(b"3")
+TERMINATE: bytes = _msg(b"X")
+SYNC: bytes = _msg(b"S")
+PARSE_COMPLETE: bytes = _msg(b"1")
+CLOSE_COMPLETE: bytes = _msg(b"3")
 
 
 # --- extended query protocol: statement names (hyperpool renames them) -----------------------
