@@ -9,8 +9,11 @@ a source tree in place (.ci/compiled does this in a copy: compiled modules shado
 from __future__ import annotations
 
 import os
+import sys
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def ext_modules() -> list:  # type: ignore[type-arg]
@@ -18,6 +21,7 @@ def ext_modules() -> list:  # type: ignore[type-arg]
         return []
     from mypyc.build import mypycify
 
+    sys.path.insert(0, HERE)  # (a PEP 517 build does not put the source tree on the path)
     from hyperpool import HOT_MODULES
 
     return mypycify([name.replace(".", "/") + ".py" for name in HOT_MODULES], opt_level="3")
