@@ -7,6 +7,7 @@ wording for a wrong password and an unknown user, so users cannot be probed).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from typing import Protocol
@@ -95,7 +96,12 @@ async def _cleartext(io: AuthIO, user_name: str, user: UserConfig | None, tls: b
         password = messages.decode_password(payload).decode()
     except (ProtocolViolation, UnicodeDecodeError):
         raise ClientProtocolError("malformed password packet") from None
-    if user is None or not _cleartext_ok(user, password):
+    if user is None:
+        raise _failed("password", user_name)
+    # against a SCRAM verifier this is a key derivation (scram_iterations: up to millions): not on the event loop
+    ok = _cleartext_ok(user, password) if user.scram is None or user.plaintext is not None else \
+        await asyncio.to_thread(_cleartext_ok, user, password)
+    if not ok:
         raise _failed("password", user_name)
 
 

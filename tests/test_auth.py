@@ -58,8 +58,11 @@ def test_cleartext_refused_without_tls(make_proxy: Callable[..., ProxyRunner]) -
         _query_one(proxy.dsn(), "select 1")
 
 
-def test_cleartext_allowed_when_configured(make_proxy: Callable[..., ProxyRunner]) -> None:
-    proxy = make_proxy(auth_type="password", allow_cleartext_over_tcp=True)
+@pytest.mark.parametrize("stored", [APP_PASSWORD, str(scram.make_verifier(APP_PASSWORD, iterations=20_000))],
+                         ids=["plain", "verifier"])
+def test_cleartext_allowed_when_configured(make_proxy: Callable[..., ProxyRunner], stored: str) -> None:
+    # (against a verifier the password is checked by a key derivation, off the event loop)
+    proxy = make_proxy(auth_type="password", allow_cleartext_over_tcp=True, users={APP_USER: {"password": stored}})
     assert _query_one(proxy.dsn(), "select 1") == 1
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         _query_one(proxy.dsn(password="nope"), "select 1")
