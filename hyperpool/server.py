@@ -53,6 +53,8 @@ class ServerState:
         self.clock = clock
         self.client_tls = client_tls_context(config)
         self.databases: dict[str, Database] = {n: Database(db, clock) for n, db in config.databases.items()}
+        self._peers: dict[str, list[Database]] = {}
+        self._find_peers()
         for database in self.databases.values():
             database.slow_query = config.log_slow_query_ms / 1000
         self.sessions: set[ClientSession] = set()
@@ -152,10 +154,12 @@ class ServerState:
                 self.databases[name].pool.maintain()
         self.config = config
         self._apply_slow_query()
+        self._find_peers()
         switched = {database for name, database in self.databases.items()
                     if caching.get(name) is not None and caching[name] != (database.cache is not None)}
         for session in list(self.sessions):
-            if session.database in switched:
+            if session.database in switched or (session.database is not None and self._peers.get(
+                    session.database.config.name)):  # (a peer's cache may have been switched)
                 session.cache_switched()
         for database in self.databases.values():
             self.refresh_catalog(database)  # DDL may have happened; a new origin surely has another catalog
@@ -207,15 +211,31 @@ class ServerState:
             database.catalog_wanted = True
             self.refresh_catalog(database)
 
+    def _find_peers(self) -> None:
+        """Which entries reach the same database as which (DatabaseConfig.origin_key: their addresses overlap);
+        warn about session-mode entries whose writes other entries' caches cannot see."""
+        keys = {name: database.config.origin_key for name, database in self.databases.items()}
+        self._peers = {name: [self.databases[other] for other, theirs in keys.items()
+                              if other != name and mine & theirs] for name, mine in keys.items()}
+        for name, database in self.databases.items():
+            cached = [peer.config.name for peer in self._peers[name] if peer.cache is not None]
+            if cached and database.config.pool.pool_mode != "transaction":
+                log.warning("database %s (pool_mode %s) reaches the same database as %s: its writes do not "
+                            "invalidate their query cache (entries there expire after max_age)",
+                            name, database.config.pool.pool_mode, ", ".join(cached))
+
     def same_origin(self, database: Database) -> list[Database]:
-        """``database`` and the other entries that reach the same database (DatabaseConfig.origin_key)."""
-        key = database.config.origin_key
-        return [database, *(other for other in self.databases.values()
-                            if other is not database and other.config.origin_key == key)]
+        """``database`` and the other entries that reach the same database."""
+        return [database, *self._peers.get(database.config.name, ())]
+
+    def notes_writes(self, database: Database) -> bool:
+        """Whether clients of ``database`` must have their writes noted: a cache of its own or of a peer's."""
+        return database.cache is not None or any(peer.cache is not None for peer in self._peers.get(
+            database.config.name, ()))
 
     def refresh_catalog(self, database: Database) -> None:
         """Read a database's catalog again in the background (first use, reload, and after a failure)."""
-        if database.config.cache.enabled and database.catalog_wanted:
+        if (database.config.cache.enabled or self.notes_writes(database)) and database.catalog_wanted:
             database.catalog_loaded_at = self.clock()
             self.spawn(self._load_catalog(database))
 

@@ -196,7 +196,8 @@ class ClientSession(asyncio.Protocol):
         self.local: tuple[str, int] = ("", 0)
         self._admin: AdminConsole | None = None
         # the query cache (see caching.py): on when the database has one at login
-        self._caching = False
+        self._caching = False  # answer from the query cache (and fill it)
+        self._noting = False  # note the tables written: for this database's cache or a peer's
         self._settings_key: tuple[str | None, ...] | None = None  # of self.wanted, for cache keys (None: compute)
         self._fill: Fill | None = None  # this client's query is filling the cache
         self._capture: list[bytes] | None = None  # its response so far
@@ -443,10 +444,11 @@ class ClientSession(asyncio.Protocol):
         self._refusing = transaction_mode and self.database.config.pool.pinning == "refuse"
         self._look = sql_effects.worth_parsing_refusing if self._refusing else sql_effects.worth_parsing
         self._caching = transaction_mode and self.database.cache is not None
+        self._noting = transaction_mode and self.state.notes_writes(self.database)
         # In session mode the client keeps its server connection: its statements need no renaming.
         self._reader = MessageRelay(count=_SYNC_TYPES, intercept=bytes([_TERMINATE]), settle=_COPY_END, through=b"d",
                                     max_length=self.state.config.max_packet_size, valid=FRONTEND_TYPES,
-                                    checks=check_rules(self._look, self._caching) if transaction_mode else None,
+                                    checks=check_rules(self._look, self._noting) if transaction_mode else None,
                                     record=True,
                                     neutral=_FLUSH)
         rest = self._setup.take_rest()
@@ -490,12 +492,11 @@ class ClientSession(asyncio.Protocol):
                                   and not server.copy_in)
 
     def _route(self, events: list[bytes | memoryview | Message], syncs: int, kinds: bytearray) -> None:
-        if self._caching:
-            if self._from_cache(events, syncs, kinds):
-                return
-            if self._unnamed_write is not None and _BIND in kinds and not any(
-                    type(e) is Message and e.type == _PARSE for e in events):  # type: ignore[union-attr]
-                self._note_text(self._unnamed_write)  # a Bind without a Parse executes the writing statement again
+        if self._caching and self._from_cache(events, syncs, kinds):
+            return
+        if self._unnamed_write is not None and self._noting and _BIND in kinds and self._binds_unnamed_first(
+                events, kinds):
+            self._note_text(self._unnamed_write)  # a Bind without a Parse executes the writing statement again
         server = self.server
         if server is None and kinds and kinds.count(_FLUSH) == len(kinds) and not self._queued and \
                 self._attach_task is None:
@@ -520,6 +521,20 @@ class ClientSession(asyncio.Protocol):
         elif events:
             self._forward_mixed(events, kinds)
 
+    @staticmethod
+    def _binds_unnamed_first(events: list[bytes | memoryview | Message], kinds: bytearray) -> bool:
+        """Whether a Bind the relay let through (unnamed portal and statement) comes before any Parse of the
+        unnamed statement in these requests: it executes the statement parsed in an earlier batch."""
+        intercepted = (e for e in events if type(e) is Message)
+        for kind in kinds:
+            if kind == INTERCEPTED_MARK:
+                msg = next(intercepted, None)
+                if type(msg) is Message and msg.type == _PARSE and msg.payload[:1] == b"\x00":
+                    return False
+            elif kind == _BIND:
+                return True
+        return False
+
     def _lone_sync(self) -> None:
         """A Sync with nothing before it, outside a transaction: PostgreSQL would only say ReadyForQuery 'I',
         so hyperpool does, without a server. An edge instance probing this one uses it: the answer carries
@@ -540,7 +555,7 @@ class ClientSession(asyncio.Protocol):
         assert server is not None
         if stmt is None or stmt.name not in server.prepared:
             return False
-        if self._caching:
+        if self._noting:
             self._note_statement(stmt)  # (may find it stateful)
         if stmt.stateful:
             return False
@@ -807,12 +822,14 @@ class ClientSession(asyncio.Protocol):
             self._writes_all = self._ddl = False
 
     def cache_switched(self) -> None:
-        """A reload turned the database's cache on or off: look at every statement from now on (or not)."""
+        """A reload turned the database's cache (or a peer's) on or off: look at every statement from now on
+        (or not)."""
         database = self.database
         if self._reader is None or database is None or self.pool_mode != "transaction":
             return
         self._caching = database.cache is not None
-        self._reader.checks.update(check_rules(self._look, self._caching))
+        self._noting = self.state.notes_writes(database)
+        self._reader.checks.update(check_rules(self._look, self._noting))
 
     async def _attach(self) -> None:
         assert self.database is not None
@@ -918,7 +935,7 @@ class ClientSession(asyncio.Protocol):
                 out.append(messages.query(f'DEALLOCATE "~{effects.deallocates[0]}"'))
                 return 1
         self._note(server, effects)
-        if self._caching:
+        if self._noting:
             sql = msg.payload[:-1]
             if self._note_text(sql):
                 server.state_changed = True
@@ -951,12 +968,12 @@ class ClientSession(asyncio.Protocol):
             raw = messages.parse(name, sql, types)
         else:
             self._note(server, effects)
-        opaque = self._caching and self._note_text(sql)
+        opaque = self._noting and self._note_text(sql)
         if opaque and not name:
             server.state_changed = True
             server.dirty_for = self
         if not name:
-            self._unnamed_write = sql if self._caching and self._noted_write else None
+            self._unnamed_write = sql if self._noting and self._noted_write else None
             server.record(b"P")
             out.append(raw)
             return
@@ -1058,7 +1075,7 @@ class ClientSession(asyncio.Protocol):
             if isinstance(target, Statement):
                 self._prepare_on(server, target, out)
                 self._bound.append(target)
-                if self._caching:
+                if self._noting:
                     self._note_statement(target)
                 if target.stateful:  # e.g. set_config(): each execution may change session state
                     server.state_changed = True
@@ -1066,7 +1083,7 @@ class ClientSession(asyncio.Protocol):
                 target = target.name
             if target != name:
                 raw = messages.bind_renamed(msg.payload, portal, target, rest)
-        elif self._unnamed_write is not None and self._caching:
+        elif self._unnamed_write is not None and self._noting:
             self._note_text(self._unnamed_write)  # (to a named portal) it writes again
         server.record(b"B")
         out.append(raw)

@@ -29,7 +29,9 @@ import pytest
 from psycopg.types.string import TextLoader
 
 from hyperpool.cache import CacheSettings, CacheStats, QueryCache
+from hyperpool.config import parse_config
 from hyperpool.embedded import EmbeddedPostgres, find_pg_bindir
+from hyperpool.server import ServerState
 from tests.support import (
     APP_PASSWORD,
     APP_USER,
@@ -896,6 +898,16 @@ def test_the_unnamed_statement_executed_again_by_bind_alone_invalidates(pg: Embe
             # to a named portal (the Bind hyperpool looks at)
             assert [kind for kind, _ in raw_exchange(sock, bind_execute_sync(b"p1"))] == [b"2", b"C", b"Z"]
             assert reader.execute(read).fetchone() == (14,)
+            # pipelined with a Parse of a named statement after it, then of the unnamed one (a read)
+            later = (message(b"P", b"s1\0select 1\0" + struct.pack("!h", 0)) + message(b"S")
+                     + message(b"P", b"\0select 2\0" + struct.pack("!h", 0)) + message(b"S"))
+            answer = raw_exchange(sock, bind_execute_sync() + later, answers=3)
+            assert [kind for kind, _ in answer] == [b"2", b"C", b"Z", b"1", b"Z", b"1", b"Z"]
+            assert reader.execute(read).fetchone() == (15,)
+            # the unnamed statement is now a read: executing it again invalidates nothing
+            hits = proxy.cache.stats.hits
+            assert [kind for kind, _ in raw_exchange(sock, bind_execute_sync())][-2:] == [b"C", b"Z"]
+            assert reader.execute(read).fetchone() == (15,) and proxy.cache.stats.hits == hits + 1
     finally:
         sock.close()
 
@@ -1349,6 +1361,53 @@ def test_a_write_through_one_entry_invalidates_another_for_the_same_database(
         wait_until(lambda: runner.state.databases["appdb_b"].catalog_loaded_at != loads, "appdb_b's catalog again")
         assert reader.execute(sql).fetchone() == (20,)
     assert runner.state.same_origin(runner.state.databases[APPDB])[1:] == [runner.state.databases["appdb_b"]]
+
+
+def test_writes_through_an_entry_without_a_cache_invalidate_its_peers(
+        pg: EmbeddedPostgres, objects: Objects, make_proxy: Callable[..., ProxyRunner],
+        caplog: pytest.LogCaptureFixture) -> None:
+    t = objects.table("id int primary key, n int", "insert into {t} values (1, 10)")
+    cfg = overrides()
+    db = base_config(pg.port, **cfg)["databases"][APPDB]
+    plain = {**db, "cache": {"enabled": False}}  # transaction pooling, no cache of its own: its writes are noted
+    job = {**db, "pool_mode": "session"}  # session pooling looks at no statement: warned about, documented
+    with caplog.at_level("WARNING", logger="hyperpool.server"):
+        runner = make_proxy(**cfg, databases={APPDB: db, "plain": plain, "job": job})
+    assert any("database job (pool_mode session)" in r.getMessage() and "appdb" in r.getMessage()
+               for r in caplog.records)
+    for name in (APPDB, "plain"):  # (a cache-less entry with a cached peer reads its catalog too)
+        psycopg.connect(runner.dsn(dbname=name)).close()
+        wait_until(lambda name=name: runner.state.databases[name].classifier is not None, f"{name}'s catalog")
+    sql = f"select n from {t} where id = 1"
+    cache = runner.state.databases[APPDB].cache
+    assert cache is not None and runner.state.databases["plain"].cache is None
+    with psycopg.connect(runner.dsn(), autocommit=True) as reader, \
+            psycopg.connect(runner.dsn(dbname="plain"), autocommit=True) as writer:
+        assert reader.execute(sql).fetchone() == reader.execute(sql).fetchone() == (10,)
+        hits = cache.stats.hits
+        assert writer.execute(sql).fetchone() == (10,)  # a read through the peer invalidates nothing
+        assert reader.execute(sql).fetchone() == (10,) and cache.stats.hits == hits + 1
+        writer.execute(f"update {t} set n = 20 where id = 1")
+        assert reader.execute(sql).fetchone() == (20,)
+        # psycopg's extended protocol, a named statement after its fifth execution
+        for n in range(21, 28):
+            writer.execute(f"update {t} set n = %s where id = 1", (n,), prepare=n > 24)
+            assert reader.execute(sql).fetchone() == (n,)
+
+
+def test_entries_with_overlapping_addresses_are_peers() -> None:
+    async def peers() -> dict[str, list[str]]:
+        cfg = parse_config({"users": {APP_USER: APP_PASSWORD}, "databases": {
+            "a": {"host": "10.0.0.1", "dbname": "app", "user": "u"},
+            "b": {"host": "10.0.0.1", "dbname": "app", "user": "v", "pool_size": 3},
+            "c": {"host": "10.0.0.1", "dbname": "app", "user": "u",  # pools locally or through another instance
+                  "locations": {"local": {}, "far": {"host": "10.9.0.1", "user": "e", "dbname": "app"}}},
+            "d": {"host": "10.0.0.1", "dbname": "other", "user": "u"},
+            "e": {"host": "10.9.0.1", "dbname": "app", "user": "u", "port": 6432}}}, {})
+        state = ServerState(cfg)
+        return {name: sorted(p.config.name for p in state.same_origin(db)[1:]) for name, db in state.databases.items()}
+
+    assert asyncio.run(peers()) == {"a": ["b", "c"], "b": ["a", "c"], "c": ["a", "b", "e"], "d": [], "e": ["c"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
