@@ -526,7 +526,8 @@ class ClientSession(asyncio.Protocol):
         """Whether a Bind the relay let through (unnamed portal and statement) comes before any Parse of the
         unnamed statement in these requests: it executes the statement parsed in an earlier batch."""
         intercepted = (e for e in events if type(e) is Message)
-        for kind in kinds:
+        for i in range(len(kinds)):  # (not `for kind in kinds`: mypyc cannot compile it over a bytearray)
+            kind = kinds[i]
             if kind == INTERCEPTED_MARK:
                 msg = next(intercepted, None)
                 if type(msg) is Message and msg.type == _PARSE and msg.payload[:1] == b"\x00":
