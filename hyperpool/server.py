@@ -14,10 +14,11 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from hyperpool import build
-from hyperpool.config import Config, load_config
+from hyperpool.config import Config, UserConfig, load_config
 from hyperpool.database import Database
 from hyperpool.errors import ConfigError, PoolError
 from hyperpool.metrics import MetricsServer
@@ -141,6 +142,7 @@ class ServerState:
 
     def apply_config(self, config: Config) -> None:
         """Swap in a new, already validated config without dropping connected clients."""
+        config = replace(config, users={name: self._same_verifier(user) for name, user in config.users.items()})
         self.client_tls = client_tls_context(config)
         for name in list(self.databases):
             if name not in config.databases:
@@ -164,6 +166,16 @@ class ServerState:
         for database in self.databases.values():
             self.refresh_catalog(database)  # DDL may have happened; a new origin surely has another catalog
             # (only for databases clients use: refresh_catalog checks)
+
+    def _same_verifier(self, user: UserConfig) -> UserConfig:
+        """A user whose plain-text password and iteration count did not change keeps the verifier (and so the
+        salt) it had: a salt that changed at each reload would tell users from unknown names, whose mock salt
+        stays the same."""
+        old = self.config.users.get(user.name)
+        if old is None or old.plaintext is None or old.password != user.password or old.scram is None or \
+                user.scram is None or old.scram.iterations != user.scram.iterations:
+            return user
+        return old
 
     def _apply_slow_query(self) -> None:
         for database in self.databases.values():

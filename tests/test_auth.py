@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import socket
 import struct
 import subprocess
@@ -13,6 +14,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from hyperpool.config import parse_config
 from hyperpool.protocol import scram
 from tests.support import APP_PASSWORD, APP_USER, APPDB, ProxyRunner, error_code, read_messages, startup_packet
 
@@ -179,3 +181,21 @@ def test_scram_iterations_low_for_users_and_for_the_unknown(make_proxy: Callable
     ghost, again, other = (_server_first(proxy.port, name) for name in ("ghost", "ghost", "phantom"))
     assert ghost["i"] == "64" and ghost["s"] == again["s"] != other["s"]
     assert len(base64.b64decode(ghost["s"])) == len(base64.b64decode(_server_first(proxy.port, APP_USER)["s"]))
+
+
+def test_a_reload_keeps_unchanged_users_salts(make_proxy: Callable[..., ProxyRunner]) -> None:
+    """A plain-text password is given a verifier at each load; a reload that leaves it as it was keeps the old
+    one, so its salt does not change while an unknown name's mock salt stays put (which would tell them apart)."""
+    proxy = make_proxy(users={APP_USER: {"password": APP_PASSWORD}, "other": {"password": "o" * 20}})
+    before = {name: _server_first(proxy.port, name)["s"] for name in (APP_USER, "other", "ghost")}
+
+    def reload(users: dict[str, object]) -> None:
+        new = dataclasses.replace(proxy.state.config, users=parse_config({"users": users}, {}).users)
+        proxy.run(proxy.state.apply_config, new)
+
+    reload({APP_USER: {"password": APP_PASSWORD}, "other": {"password": "changed" * 3}})
+    after = {name: _server_first(proxy.port, name)["s"] for name in (APP_USER, "other", "ghost")}
+    assert after[APP_USER] == before[APP_USER] and after["ghost"] == before["ghost"]
+    assert after["other"] != before["other"]  # a new password: a new verifier
+    assert _query_one(proxy.dsn(user="other", password="changed" * 3), "select 1") == 1
+    assert _query_one(proxy.dsn(), "select 2") == 2
