@@ -221,6 +221,22 @@ class ManagedProcess:
             stop_group(self.proc, self.stop_signal)
 
 
+def _private_to_owner(workdir: Path, secrets: Sequence[Path]) -> None:
+    """Files holding passwords readable by their owner only; as root, the workdir and everything in it handed
+    to the user the pooler runs as (PgBouncer and pgpool-II refuse to run as root)."""
+    for path in secrets:
+        path.chmod(0o600)
+    owner = run_as_owner()
+    if owner is not None:
+        for path in (workdir, *workdir.iterdir()):
+            os.chown(path, *owner)
+
+
+def _as_owner() -> list[str]:
+    """The command prefix that runs a pooler as that user when we are root (none otherwise)."""
+    return [shutil.which("runuser") or "/usr/sbin/runuser", "-u", RUN_AS, "--"] if os.geteuid() == 0 else []
+
+
 class PgBouncer(ManagedProcess):
     name = "pgbouncer"
     stop_signal = signal.SIGINT  # safe shutdown; stop_group follows with SIGTERM (immediate) and SIGKILL
@@ -248,16 +264,10 @@ class PgBouncer(ManagedProcess):
             f"logfile = {self.log_file}\n"
             "log_connections = 0\nlog_disconnections = 0\n"  # hyperpool at log_level warning logs neither
         )
-        for path in (self.ini, userlist):
-            path.chmod(0o600)
-        owner = run_as_owner()
-        if owner is not None:
-            for path in (self.workdir, *self.workdir.iterdir()):
-                os.chown(path, *owner)
+        _private_to_owner(self.workdir, (self.ini, userlist))
 
     def command(self) -> list[str]:
-        prefix = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", RUN_AS, "--"] if os.geteuid() == 0 else []
-        return [*prefix, str(PGBOUNCER_BIN), str(self.ini)]
+        return [*_as_owner(), str(PGBOUNCER_BIN), str(self.ini)]
 
 
 class Hyperpool(ManagedProcess):
@@ -338,16 +348,11 @@ class PgPool(ManagedProcess):
         self.passwd.write_text(f"{USER}:TEXT{PASSWORD}\n")
         self.pcp.write_text("")  # no pcp users: the bench never uses pcp
         (self.workdir / "oiddir").mkdir(exist_ok=True)
-        for path in (self.conf, self.hba, self.passwd, self.pcp):
-            path.chmod(0o600)
-        owner = run_as_owner()
-        if owner is not None:
-            for path in (self.workdir, *self.workdir.iterdir()):
-                os.chown(path, *owner)
+        _private_to_owner(self.workdir, (self.conf, self.hba, self.passwd, self.pcp))
 
     def command(self) -> list[str]:
-        prefix = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", RUN_AS, "--"] if os.geteuid() == 0 else []
-        return [*prefix, str(PGPOOL_BIN), "-n", "-D", "-f", str(self.conf), "-a", str(self.hba), "-F", str(self.pcp)]
+        return [*_as_owner(), str(PGPOOL_BIN), "-n", "-D", "-f", str(self.conf), "-a", str(self.hba),
+                "-F", str(self.pcp)]
 
 
 class LatencyRelayProcess(ManagedProcess):

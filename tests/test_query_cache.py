@@ -1019,13 +1019,19 @@ def test_a_read_after_a_committed_write_does_not_join_an_older_fill(pg: Embedded
     assert (d1.discarded_fills, d1.stored) == (1, 0)  # and the raced result was not stored
 
 
-def test_function_call_writes_invalidate(pg: EmbeddedPostgres, objects: Objects,
-                                         start: Callable[..., Cached]) -> None:
-    """The fast-path FunctionCall message may write anything: the whole cache goes when it ends."""
+def _bumped_table(pg: EmbeddedPostgres, objects: Objects) -> tuple[str, int]:
+    """A table with n = 10 in row 1, and the oid of a volatile function that increments it (for FunctionCall)."""
     t = objects.table("id int primary key, n int", "insert into {t} values (1, 10)")
     bump = objects.function("() returns int language sql volatile", f" update {t} set n = n + 1 returning n ")
     with direct(pg) as pgconn:
         oid = pgconn.execute(f"select '{bump}'::regproc::oid::int").fetchone()[0]  # type: ignore[index]
+    return t, oid
+
+
+def test_function_call_writes_invalidate(pg: EmbeddedPostgres, objects: Objects,
+                                         start: Callable[..., Cached]) -> None:
+    """The fast-path FunctionCall message may write anything: the whole cache goes when it ends."""
+    t, oid = _bumped_table(pg, objects)
     proxy = start()
     sql = f"select n from {t} where id = 1"
     call = message(b"F", struct.pack("!IhhH", oid, 0, 0, 0))  # no arguments, text result
@@ -1043,10 +1049,7 @@ def test_function_call_writes_invalidate(pg: EmbeddedPostgres, objects: Objects,
 
 def test_function_call_after_a_rollback_invalidates(pg: EmbeddedPostgres, objects: Objects,
                                                     start: Callable[..., Cached]) -> None:
-    t = objects.table("id int primary key, n int", "insert into {t} values (1, 10)")
-    bump = objects.function("() returns int language sql volatile", f" update {t} set n = n + 1 returning n ")
-    with direct(pg) as pgconn:
-        oid = pgconn.execute(f"select '{bump}'::regproc::oid::int").fetchone()[0]  # type: ignore[index]
+    t, oid = _bumped_table(pg, objects)
     proxy = start()
     sql = f"select n from {t} where id = 1"
     with proxy.connect() as reader:
